@@ -1,0 +1,127 @@
+"""Command line of ``batos.py``: run the kernel, open the shell, manage models and keys."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from .config import REPO_DIR, ConfigError, load_settings
+
+DEMO_CASSETTE = REPO_DIR / "demo" / "demo_cassette.jsonl"
+
+EPILOG = """\
+commands:
+  (none)          run the kernel (the default)
+  shell           an interactive Python console on the living image
+  models          store and list persona models and LoRA adapters in the image
+  keys            generate CURVE keys for the bridge
+
+examples:
+  python batos.py                                  # live_image.fs in the current directory
+  python batos.py --demo                           # replayed answers from the demo cassette
+  python batos.py --backend openai:http://127.0.0.1:8000/v1#qwen2.5
+  python batos.py shell -c "print(ls(genesis))"
+"""
+
+
+def _kernel_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--db", help="image: a FileStorage path (default live_image.fs), "
+                        "zeo://HOST:PORT or zconfig://FILE [BATOS_DB]")
+    parser.add_argument("--blob-dir", dest="blob_dir",
+                        help="blob directory (default: the image path + .blob) [BATOS_BLOB_DIR]")
+    parser.add_argument("--config", help="a batos.toml settings file [BATOS_CONFIG]")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="batos.py",
+        description="BAT OS kernel: a persistent, self-extending prototype object system.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _kernel_options(parser)
+    parser.add_argument("--endpoint", help="bridge endpoint (default tcp://127.0.0.1:5555) "
+                        "[BATOS_ENDPOINT]")
+    parser.add_argument("--backend", help="cognition for every persona: replay:CASSETTE, "
+                        "transformers, llama-cpp:MODEL.gguf or openai:URL#MODEL [BATOS_BACKEND]")
+    parser.add_argument("--demo", action="store_true",
+                        help="answer briefs from the demo cassette (replayed, and labelled so)")
+    parser.add_argument("--zeo", help="serve the image over ZEO at HOST:PORT on loopback "
+                        "(default 127.0.0.1:0, 'off' to disable) [BATOS_ZEO]")
+    parser.add_argument("--workers", type=int, help="worker connections (default 2)")
+    parser.add_argument("--max-attempts", dest="max_attempts", type=int,
+                        help="synthesis attempts per cycle (default 3)")
+    parser.add_argument("--embedder", choices=["auto", "minilm", "hashing"],
+                        help="sentence embeddings for the catalog (default auto)")
+    parser.add_argument("--curve-dir", dest="curve_dir",
+                        help="CURVE keys made by `batos.py keys generate DIR`")
+    parser.add_argument("--allow-insecure-remote", dest="allow_insecure_remote",
+                        action="store_true", default=None,
+                        help="allow a non-loopback endpoint without CURVE (not recommended)")
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command")
+    shell = sub.add_parser("shell", help="interactive console on the living image")
+    _kernel_options(shell)
+    shell.add_argument("--write", action="store_true", help="allow commit() (default read-only)")
+    shell.add_argument("-c", dest="code", help="run CODE and exit")
+    models = sub.add_parser("models", help="persona models and LoRA adapters in the image")
+    _kernel_options(models)
+    from .models_cli import add_models_parser
+
+    add_models_parser(models.add_subparsers(dest="models_command", required=True))
+    keys = sub.add_parser("keys", help="CURVE keys for the bridge")
+    from .bridge import add_keys_parser
+
+    add_keys_parser(keys.add_subparsers(dest="keys_command", required=True))
+    return parser
+
+
+def settings_from(args: argparse.Namespace) -> Any:
+    overrides = {
+        name: getattr(args, name, None)
+        for name in ("db", "blob_dir", "endpoint", "backend", "zeo", "workers", "max_attempts",
+                     "embedder", "curve_dir", "allow_insecure_remote")
+    }
+    if getattr(args, "demo", False):
+        overrides["backend"] = f"replay:{DEMO_CASSETTE}"
+    return load_settings(getattr(args, "config", None), overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from .image import ImageError
+
+    try:
+        settings = settings_from(args)
+        if args.command == "shell":
+            from .shell import run_shell
+
+            return run_shell(settings, write=args.write, code=args.code)
+        if args.command == "models":
+            from .image import open_image
+            from .models_cli import run_models_command
+
+            image = open_image(settings, serve_zeo=False)
+            try:
+                return run_models_command(args, image.db)
+            finally:
+                image.close()
+        if args.command == "keys":
+            from .bridge import run_keys_command
+
+            return run_keys_command(args)
+        from .kernel import Kernel
+
+        return asyncio.run(Kernel(settings).run())
+    except (ConfigError, ImageError) as exc:
+        print(f"batos: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,125 @@
+"""Kernel settings: defaults, then ``batos.toml``, then environment, then command line.
+
+Every setting has one name used everywhere: the TOML key under ``[kernel]``,
+the environment variable ``BATOS_<NAME>`` and the option ``--<name>``.
+Per-persona cognition lives under ``[personas.NAME]`` in the TOML file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_DIR = Path(__file__).resolve().parent.parent
+PERSONAS = ("ALFRED", "BRICK", "ROBIN", "BABS")
+
+
+class ConfigError(ValueError):
+    """A setting has a value the kernel cannot use; the message says which and why."""
+
+
+@dataclass
+class Settings:
+    db: str = "live_image.fs"  # FileStorage path, zeo://HOST:PORT or zconfig://FILE
+    blob_dir: str = ""  # default: the image path + ".blob"
+    endpoint: str = "tcp://127.0.0.1:5555"
+    zeo: str = "127.0.0.1:0"  # serve the image over ZEO here ("off" to disable)
+    backend: str = ""  # default cognition for every persona, e.g. "replay:demo.jsonl"
+    workers: int = 2
+    max_attempts: int = 3
+    trial_cpu_seconds: float = 2.0
+    trial_wall_seconds: float = 5.0
+    trial_memory_mb: int = 256
+    metacognition_log: str = "metacognition.jsonl"
+    codex: str = str(REPO_DIR / "persona_codex.jsonl")
+    lora_dir: str = str(REPO_DIR / "lora_adapters")
+    embedder: str = "auto"  # "minilm", "hashing" or "auto"
+    max_message_bytes: int = 1024 * 1024
+    curve_dir: str = ""  # directory with server.key_secret and authorized clients/
+    allow_insecure_remote: bool = False
+    personas: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def is_file_storage(self) -> bool:
+        return "://" not in self.db or self.db.startswith("file://")
+
+    @property
+    def db_path(self) -> Path:
+        return Path(self.db.removeprefix("file://")).expanduser().resolve()
+
+    @property
+    def blob_path(self) -> Path:
+        if self.blob_dir:
+            return Path(self.blob_dir).expanduser().resolve()
+        return self.db_path.with_name(self.db_path.name + ".blob")
+
+    def persona_backend(self, persona: str) -> dict[str, Any] | str:
+        """The cognition configuration for a persona (its own, else the default)."""
+        own = self.personas.get(persona.upper())
+        if own:
+            return own
+        return self.backend
+
+
+_SIMPLE = {f.name: f for f in fields(Settings) if f.name != "personas"}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    kind = type(getattr(Settings(), name))
+    try:
+        if kind is bool and isinstance(value, str):
+            lowered = value.strip().lower()
+            if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(value)
+            return lowered in {"1", "true", "yes", "on"}
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"setting {name!r}: {value!r} is not a valid {kind.__name__}") from None
+
+
+def load_settings(
+    config_file: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    environ: dict[str, str] | None = None,
+) -> Settings:
+    """Build settings from a TOML file, ``BATOS_*`` variables and explicit overrides."""
+    environ = dict(os.environ if environ is None else environ)
+    settings = Settings()
+    path = config_file or environ.get("BATOS_CONFIG")
+    if path is None and Path("batos.toml").exists():
+        path = "batos.toml"
+    if path:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"configuration file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
+        for key, value in data.get("kernel", {}).items():
+            if key not in _SIMPLE:
+                raise ConfigError(f"{path}: unknown setting [kernel] {key}")
+            setattr(settings, key, _coerce(key, value))
+        for persona, table in data.get("personas", {}).items():
+            if persona.upper() not in PERSONAS:
+                raise ConfigError(f"{path}: unknown persona [personas.{persona}]")
+            if not isinstance(table, dict) or "backend" not in table:
+                raise ConfigError(f"{path}: [personas.{persona}] needs a 'backend' key")
+            settings.personas[persona.upper()] = dict(table)
+    for name in _SIMPLE:
+        env_name = "BATOS_" + name.upper()
+        if environ.get(env_name):
+            setattr(settings, name, _coerce(name, environ[env_name]))
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in _SIMPLE:
+            raise ConfigError(f"unknown setting {name!r}")
+        setattr(settings, name, _coerce(name, value))
+    if settings.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if settings.max_attempts < 1:
+        raise ConfigError("max_attempts must be at least 1")
+    return settings

@@ -1,0 +1,553 @@
+"""The cognitive cycle: from a message nobody understands to an installed, verified method.
+
+The Prototypal State Machine's states are persistent objects in the image
+(``psm_prototypes_obj``); each answers ``process`` with a primitive registered
+here. A cycle moves IDLE -> DECOMPOSING -> DELEGATING -> SYNTHESIZING ->
+VALIDATING -> COMPLETE | FAILED, going back from VALIDATING to SYNTHESIZING
+with the reason while attempts remain.
+
+Transactions: the cycle's record is committed as ACTIVE when the cycle starts
+(so a killed kernel leaves evidence, marked INTERRUPTED on restart). The work
+itself writes nothing. COMPLETE installs the method, adds the skill to the
+catalog and writes the record in ONE transaction; FAILED aborts everything
+and writes only the record, in a transaction of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import transaction
+from persistent import Persistent
+from ZODB.POSException import ConflictError
+
+from . import primitives
+from .awakening import STATES
+from .cognition import CognitionError, CognitionUnavailable, InferenceRequest
+from .guardian import GuardianViolation, audit
+from .objects import UvmObject, check_selector, format_oid, parse_oid
+from .trial import TrialLimits, run_trial, to_plain
+
+Progress = Callable[[dict[str, Any]], Awaitable[None]]
+
+PLANNER = "BABS"  # deconstructs the brief into catalog queries
+SYNTHESIZER = "BRICK"  # writes the method (ToolForge operator)
+COMMIT_RETRIES = 5
+MAX_CODE_CHARS = 20_000
+
+
+def new_cycle_id() -> str:
+    return f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{secrets.token_hex(3)}"
+
+
+class CycleRecord(Persistent):
+    """The persistent history of one cycle; ``data`` is plain JSON-able data."""
+
+    def __init__(self, cycle_id: str, data: dict[str, Any]) -> None:
+        self.cycle_id = cycle_id
+        self.status = "ACTIVE"
+        self.data = data
+
+    def summary(self) -> dict[str, Any]:
+        data = self.data
+        return {
+            "cycle_id": self.cycle_id,
+            "status": self.status,
+            "selector": data.get("selector"),
+            "target": data.get("target"),
+            "started": data.get("started"),
+            "duration_s": data.get("duration_s"),
+            "attempts": len(data.get("attempts", ())),
+            "reason": data.get("reason"),
+            "replayed": data.get("replayed", False),
+        }
+
+    def __repr__(self) -> str:
+        return f"<CycleRecord {self.cycle_id} {self.status} {self.data.get('selector')!r}>"
+
+
+@dataclass
+class CycleLog:
+    """What happened in a cycle, kept in memory until it is committed."""
+
+    cycle_id: str
+    brief: dict[str, Any]
+    target: str
+    selector: str
+    started: float = field(default_factory=time.time)
+    states: list[dict[str, Any]] = field(default_factory=list)
+    research_plan: list[str] = field(default_factory=list)
+    plan_fallback: bool = False
+    retrieved_context: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    llm_calls: list[dict[str, Any]] = field(default_factory=list)
+    outcome: str | None = None
+    reason: str | None = None
+    installed_version: int | None = None
+    duration_s: float | None = None
+    replayed: bool = False
+
+    def to_data(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=repr))
+
+    def durations(self) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for entry in self.states:
+            if entry.get("left") is not None:
+                spent = entry["left"] - entry["entered"]
+                totals[entry["state"]] = totals.get(entry["state"], 0.0) + spent
+        return totals
+
+
+@dataclass
+class CycleContext:
+    """Everything a state needs: the log, the connection, and the kernel's services."""
+
+    log: CycleLog
+    connection: Any
+    services: Any  # kernel services: cognition, embedder, audit, settings
+    progress: Progress
+    attempt: int = 0
+    feedback: str | None = None
+    candidate: dict[str, Any] | None = None
+
+    @property
+    def root(self) -> Any:
+        return self.connection.root()
+
+    def target(self) -> UvmObject:
+        return self.connection.get(parse_oid(self.log.target))
+
+    async def think(self, persona: str, state: str, prompt: str, max_tokens: int = 1024) -> str:
+        persona_obj = self.root[f"{persona.lower()}_prototype_obj"]
+        codex = persona_obj.codex
+        request = InferenceRequest(
+            persona=persona,
+            prompt=prompt,
+            system=codex.get("system_prompt"),
+            state=state,
+            max_tokens=max_tokens,
+        )
+        started = time.perf_counter()
+        completion = await self.services.cognition.infer(request)
+        self.log.llm_calls.append(
+            {
+                "persona": persona,
+                "state": state,
+                "backend": completion.backend,
+                "model": completion.model,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "replayed": completion.replayed,
+                "seconds": round(time.perf_counter() - started, 4),
+            }
+        )
+        self.log.replayed = self.log.replayed or completion.replayed
+        return completion.text
+
+
+# --- the states ------------------------------------------------------------------
+
+
+async def process_idle(state: UvmObject, ctx: CycleContext) -> str:
+    return "DECOMPOSING"
+
+
+async def process_decomposing(state: UvmObject, ctx: CycleContext) -> str:
+    brief = ctx.log.brief
+    prompt = (
+        f'Mission brief: an object received the message "{brief["selector"]}" with arguments '
+        f"{json.dumps(brief.get('args', []), default=repr)} and no object understands it. "
+        "List 1 to 3 short search queries for the knowledge catalog that would help write "
+        'this method. Output ONLY a JSON list of strings, like ["query 1", "query 2"].'
+    )
+    reply = await ctx.think(PLANNER, "DECOMPOSING", prompt, max_tokens=128)
+    queries = _parse_queries(reply)
+    if queries is None:
+        queries = [brief["selector"].replace("_", " ")]
+        ctx.log.plan_fallback = True
+    ctx.log.research_plan = queries
+    return "DELEGATING"
+
+
+async def process_delegating(state: UvmObject, ctx: CycleContext) -> str:
+    store = ctx.root["knowledge_catalog_obj"].store
+    seen: set[int] = set()
+    for query in ctx.log.research_plan:
+        hits = await ctx.services.search(store, query, 3)
+        for hit in hits:
+            if hit.chunk_id not in seen:
+                seen.add(hit.chunk_id)
+                ctx.log.retrieved_context.append(
+                    {"doc_id": hit.doc_id, "text": hit.text, "score": round(hit.score, 4)}
+                )
+    return "SYNTHESIZING"
+
+
+async def process_synthesizing(state: UvmObject, ctx: CycleContext) -> str:
+    ctx.attempt += 1
+    reply = await ctx.think(SYNTHESIZER, "SYNTHESIZING", synthesis_prompt(ctx), max_tokens=1024)
+    code, examples, problem = parse_synthesis(reply)
+    ctx.candidate = {
+        "attempt": ctx.attempt,
+        "persona": SYNTHESIZER,
+        "reply": reply[:MAX_CODE_CHARS],
+        "code": code,
+        "examples": examples,
+        "parse_problem": problem,
+    }
+    ctx.log.attempts.append(ctx.candidate)
+    return "VALIDATING"
+
+
+async def process_validating(state: UvmObject, ctx: CycleContext) -> str:
+    candidate = ctx.candidate or {}
+    selector = ctx.log.selector
+    reason = candidate.get("parse_problem")
+    if reason is None:
+        try:
+            audit(candidate["code"], selector)
+            candidate["guardian"] = "passed"
+        except GuardianViolation as violation:
+            candidate["guardian"] = {"rule": violation.rule, "line": violation.line}
+            reason = f"Persistence Guardian: {violation}"
+    if reason is None:
+        trial = await ctx.services.trial(ctx, candidate)
+        candidate["trial"] = trial.to_record()
+        if not trial.ok:
+            reason = f"trial run: {trial.reason}"
+    candidate["ok"] = reason is None
+    candidate["reason"] = reason
+    if reason is None:
+        return "COMPLETE"
+    ctx.feedback = reason
+    if ctx.attempt < ctx.services.settings.max_attempts:
+        return "SYNTHESIZING"
+    ctx.log.reason = f"no valid method after {ctx.attempt} attempt(s); last: {reason}"
+    return "FAILED"
+
+
+async def process_final(state: UvmObject, ctx: CycleContext) -> str:
+    return state.name
+
+
+STATE_PRIMITIVES = {
+    "IDLE": process_idle,
+    "DECOMPOSING": process_decomposing,
+    "DELEGATING": process_delegating,
+    "SYNTHESIZING": process_synthesizing,
+    "VALIDATING": process_validating,
+    "COMPLETE": process_final,
+    "FAILED": process_final,
+}
+
+
+def register_state_primitives() -> None:
+    for name, function in STATE_PRIMITIVES.items():
+        primitives.register(f"psm.{name}", function)
+
+
+# --- prompts and replies -------------------------------------------------------------
+
+
+def _parse_queries(reply: str) -> list[str] | None:
+    text = reply.strip()
+    match = re.search(r"\[.*\]", text, re.S)
+    try:
+        value = json.loads(match.group(0) if match else text)
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(value, list) or not value or not all(isinstance(q, str) for q in value):
+        return None
+    queries = [q.strip()[:200] for q in value if q.strip()][:5]
+    return queries or None
+
+
+_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
+
+
+def parse_synthesis(reply: str) -> tuple[str, list[dict[str, Any]] | None, str | None]:
+    """Extract (code, examples, problem) from a SYNTHESIZING reply (see docs/CYCLE.md)."""
+    blocks = _FENCE.findall(reply)
+    code_blocks = [body for lang, body in blocks if lang.lower() in {"python", "py", ""}]
+    json_blocks = [body for lang, body in blocks if lang.lower() == "json"]
+    if code_blocks:
+        code = code_blocks[0]
+    elif blocks:
+        code = ""
+    else:
+        code = reply
+    code = code.strip("\n")
+    if not code.strip():
+        return "", None, "the reply holds no code"
+    if len(code) > MAX_CODE_CHARS:
+        return code[:MAX_CODE_CHARS], None, f"the code is longer than {MAX_CODE_CHARS} characters"
+    examples = None
+    if json_blocks:
+        try:
+            examples = json.loads(json_blocks[0])
+        except json.JSONDecodeError as exc:
+            return code, None, f"the examples block is not JSON ({exc.msg})"
+        problem = _check_examples(examples)
+        if problem:
+            return code, None, problem
+    return code, examples, None
+
+
+def _check_examples(examples: Any) -> str | None:
+    if not isinstance(examples, list):
+        return "the examples block must be a JSON list"
+    if len(examples) > 20:
+        return "at most 20 examples are run"
+    for number, example in enumerate(examples, start=1):
+        if not isinstance(example, dict):
+            return f"example {number} is not an object"
+        unknown = set(example) - {"args", "kwargs", "expect"}
+        if unknown:
+            return f"example {number} has unknown keys {sorted(unknown)}"
+        if not isinstance(example.get("args", []), list):
+            return f"example {number}: args must be a list"
+        if not isinstance(example.get("kwargs", {}), dict):
+            return f"example {number}: kwargs must be an object"
+    return None
+
+
+def synthesis_prompt(ctx: CycleContext) -> str:
+    brief = ctx.log.brief
+    selector = ctx.log.selector
+    target = ctx.target()
+    slots = {name: repr(value)[:120] for name, value in visible_slots(target).items()}
+    context = "\n".join(f"- {item['text']}" for item in ctx.log.retrieved_context[:6])
+    parts = [
+        f"Mission: write a Python method named '{selector}' for a BAT OS object.",
+        f"It will be called as self.{selector}(*{json.dumps(brief.get('args', []), default=repr)}, "
+        f"**{json.dumps(brief.get('kwargs', {}), default=repr)}).",
+        f"The object's slots (read them as self.NAME): {json.dumps(slots)}.",
+        "Rules: define exactly one function `def " + selector + "(self, ...)`; import only "
+        "standard modules such as math, datetime, time, random, json, re, statistics, "
+        "itertools, functools, collections, string; never touch names starting with '_' "
+        "except `self._p_changed`; no open/exec/eval; a method that changes self must set "
+        "`self._p_changed = True` after its last change on every path that returns.",
+        "Reply with the method in a ```python fenced block, then optionally a ```json block "
+        'holding a list of examples like [{"args": [5], "kwargs": {}, "expect": 120}].',
+    ]
+    if context:
+        parts.append(f"Knowledge from the catalog:\n{context}")
+    if ctx.feedback:
+        previous = (ctx.candidate or {}).get("code") or ""
+        parts.append(
+            f"Your previous attempt failed validation: {ctx.feedback}\n"
+            f"Previous code:\n```python\n{previous[:4000]}\n```\nFix it."
+        )
+    return "\n\n".join(parts)
+
+
+def visible_slots(obj: UvmObject) -> dict[str, Any]:
+    """Slots ``self.NAME`` would find, nearest owner first (used for prompts and trials)."""
+    merged: dict[str, Any] = {}
+    for owner in reversed(list(obj.ancestors())):
+        for name in owner.slot_names():
+            if name != "parents":
+                merged[name] = owner._slots[name]
+    return merged
+
+
+def chain_methods(obj: UvmObject) -> dict[str, str]:
+    """Source of every method the object answers (nearest first), for the trial's self."""
+    found: dict[str, str] = {}
+    for owner in obj.ancestors():
+        for selector, record in owner.methods().items():
+            if record.source and selector not in found:
+                found[selector] = record.source
+    return found
+
+
+# --- running a cycle ------------------------------------------------------------------
+
+
+@dataclass
+class CycleOutcome:
+    cycle_id: str
+    status: str  # COMPLETE | FAILED
+    reason: str | None
+    replayed: bool
+    version: int | None = None
+
+
+class Orchestrator:
+    """Drives one cycle on one worker connection (see the module docstring)."""
+
+    def __init__(self, services: Any) -> None:
+        self.services = services
+
+    async def run(
+        self, connection: Any, brief: dict[str, Any], target_oid: bytes, progress: Progress
+    ) -> CycleOutcome:
+        selector = check_selector(brief.get("selector"))
+        tm = connection.transaction_manager
+        log = CycleLog(new_cycle_id(), dict(brief), format_oid(target_oid), selector)
+        ctx = CycleContext(log, connection, self.services, progress)
+        await _in_transaction(tm, lambda: self._begin(connection, log))
+        audit_trail = self.services.audit
+        audit_trail.record(log.cycle_id, log.brief, "CYCLE_STARTED", "IDLE", target=log.target)
+        tm.begin()
+        machine = connection.root()["psm_prototypes_obj"]
+        state_name = "IDLE"
+        try:
+            while True:
+                entry = {"state": state_name, "entered": time.time(), "left": None}
+                log.states.append(entry)
+                audit_trail.record(log.cycle_id, log.brief, "STATE_TRANSITION", state_name)
+                await progress({"cycle_id": log.cycle_id, "state": state_name, "detail": ""})
+                if state_name in ("COMPLETE", "FAILED"):
+                    entry["left"] = entry["entered"]
+                    break
+                prototype = getattr(machine, state_name)
+                next_state = await prototype.process(ctx)
+                entry["left"] = time.time()
+                self._audit_artifacts(ctx, state_name)
+                if next_state not in STATES:
+                    raise RuntimeError(f"state {state_name} answered unknown state {next_state!r}")
+                state_name = next_state
+        except (CognitionUnavailable, CognitionError) as exc:
+            state_name, log.reason = "FAILED", f"cognition: {exc}"
+        except Exception as exc:  # a broken cycle fails; the kernel keeps running
+            state_name, log.reason = "FAILED", f"internal error: {type(exc).__name__}: {exc}"
+        if state_name == "FAILED" and log.states[-1]["state"] != "FAILED":
+            log.states.append({"state": "FAILED", "entered": time.time(), "left": time.time()})
+            await progress({"cycle_id": log.cycle_id, "state": "FAILED", "detail": log.reason})
+        tm.abort()
+        if state_name == "COMPLETE":
+            try:
+                await _in_transaction(tm, lambda: self._install(connection, ctx))
+            except Exception as exc:
+                state_name = "FAILED"
+                log.reason = f"install failed: {type(exc).__name__}: {exc}"
+        log.outcome = state_name
+        log.duration_s = round(time.time() - log.started, 4)
+        if state_name == "FAILED":
+            await _in_transaction(tm, lambda: self._record_failure(connection, log))
+        audit_trail.record(
+            log.cycle_id,
+            log.brief,
+            "FINAL_OUTCOME",
+            state_name,
+            outcome=state_name,
+            reason=log.reason,
+            durations=log.durations(),
+            replayed=log.replayed,
+        )
+        return CycleOutcome(log.cycle_id, state_name, log.reason, log.replayed, log.installed_version)
+
+    def _audit_artifacts(self, ctx: CycleContext, state_name: str) -> None:
+        log, trail = ctx.log, ctx.services.audit
+        if state_name == "DECOMPOSING":
+            trail.record(log.cycle_id, log.brief, "ARTIFACT_GENERATED", state_name,
+                         artifact_type="research_plan", queries=log.research_plan,
+                         fallback=log.plan_fallback)
+        elif state_name == "DELEGATING":
+            trail.record(log.cycle_id, log.brief, "RESEARCH_COMPLETE", state_name,
+                         context_snippets=len(log.retrieved_context))
+        elif state_name == "SYNTHESIZING" and ctx.candidate:
+            trail.record(log.cycle_id, log.brief, "ARTIFACT_GENERATED", state_name,
+                         artifact_type="code", attempt=ctx.attempt, code=ctx.candidate["code"])
+        elif state_name == "VALIDATING" and ctx.candidate:
+            event = "VALIDATION_SUCCESS" if ctx.candidate.get("ok") else "VALIDATION_FAILURE"
+            trail.record(log.cycle_id, log.brief, event, state_name, attempt=ctx.attempt,
+                         reason=ctx.candidate.get("reason"))
+
+    @staticmethod
+    def _begin(connection: Any, log: CycleLog) -> None:
+        connection.root()["cycles"][log.cycle_id] = CycleRecord(log.cycle_id, log.to_data())
+
+    @staticmethod
+    def _install(connection: Any, ctx: CycleContext) -> None:
+        log, candidate = ctx.log, ctx.candidate or {}
+        target = ctx.target()
+        record = target.install_method(
+            log.selector,
+            candidate["code"],
+            author=candidate.get("persona", SYNTHESIZER),
+            cycle_id=log.cycle_id,
+            note=f"grown for mission brief {log.brief.get('type', 'unhandled_message')}",
+            audit=True,
+        )
+        log.installed_version = record.version
+        ctx.services.index_skill(connection, log, candidate["code"])
+        log.outcome = "COMPLETE"
+        log.duration_s = round(time.time() - log.started, 4)
+        cycle = connection.root()["cycles"][log.cycle_id]
+        cycle.status = "COMPLETE"
+        cycle.data = log.to_data()
+
+    @staticmethod
+    def _record_failure(connection: Any, log: CycleLog) -> None:
+        cycles = connection.root()["cycles"]
+        cycle = cycles.get(log.cycle_id)
+        if cycle is None:
+            cycle = cycles[log.cycle_id] = CycleRecord(log.cycle_id, {})
+        cycle.status = "FAILED"
+        cycle.data = log.to_data()
+
+
+async def _in_transaction(tm: transaction.TransactionManager, work: Callable[[], None]) -> None:
+    """Run ``work`` in a fresh transaction and commit, retrying on write conflicts."""
+    for attempt in range(1, COMMIT_RETRIES + 1):
+        tm.begin()
+        try:
+            work()
+            tm.commit()
+            return
+        except ConflictError:
+            tm.abort()
+            if attempt == COMMIT_RETRIES:
+                raise
+            await asyncio.sleep(0.01 * attempt)
+        except BaseException:
+            tm.abort()
+            raise
+
+
+def mark_interrupted(root: Any) -> list[str]:
+    """Cycles left ACTIVE by a kernel that died are marked INTERRUPTED (caller commits)."""
+    interrupted = []
+    for cycle_id, record in root["cycles"].items():
+        if record.status == "ACTIVE":
+            record.status = "INTERRUPTED"
+            data = dict(record.data)
+            data["outcome"] = "INTERRUPTED"
+            data["reason"] = "the kernel stopped before the cycle finished; nothing was installed"
+            record.data = data
+            interrupted.append(cycle_id)
+    return interrupted
+
+
+async def run_candidate_trial(ctx: CycleContext, candidate: dict[str, Any]) -> Any:
+    """Run the candidate in the sandbox against copies of the target's slots."""
+    settings = ctx.services.settings
+    target = ctx.target()
+    examples = candidate.get("examples")
+    brief = ctx.log.brief
+    if brief.get("args") or brief.get("kwargs"):
+        # The call that started the cycle must at least run.
+        original = {"args": list(brief.get("args", [])), "kwargs": dict(brief.get("kwargs", {}))}
+        examples = [*(examples or []), original]
+    return await run_trial(
+        candidate["code"],
+        ctx.log.selector,
+        {name: to_plain(value) for name, value in visible_slots(target).items()},
+        examples,
+        methods={k: v for k, v in chain_methods(target).items() if k != ctx.log.selector},
+        limits=TrialLimits(
+            cpu_seconds=settings.trial_cpu_seconds,
+            wall_seconds=settings.trial_wall_seconds,
+            memory_bytes=settings.trial_memory_mb * 2**20,
+        ),
+    )

@@ -1,0 +1,261 @@
+"""Opening the living image: FileStorage, ZEO or any zodburi URI.
+
+The kernel owns the image file. It checks the file before writing to it (a
+damaged file is refused, never rewritten), holds the FileStorage lock (a second
+kernel gets "image is in use by PID ..."), and serves the storage over ZEO on
+loopback so the shell, or a second kernel, can share the live image. An address
+file beside the image tells them where.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ZODB
+import ZODB.FileStorage
+from ZODB.POSException import StorageError
+
+from .config import Settings
+
+log = logging.getLogger("batos.image")
+
+_TRANSACTION_HEADER = ">8sQcHHH"  # tid, length, status, user, description, extension lengths
+_TRANSACTION_HEADER_SIZE = struct.calcsize(_TRANSACTION_HEADER)
+
+
+class ImageError(RuntimeError):
+    """The image cannot be opened; the message names the file and what to do."""
+
+
+class ImageInUse(ImageError):
+    pass
+
+
+class ImageDamaged(ImageError):
+    pass
+
+
+def lock_holder(db_path: Path) -> str | None:
+    """The PID written in the FileStorage lock file, if any."""
+    try:
+        text = db_path.with_name(db_path.name + ".lock").read_text().strip()
+    except OSError:
+        return None
+    return text.split()[0] if text else None
+
+
+def _pid_alive(pid: str | None) -> bool:
+    if not pid or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_image_file(db_path: Path) -> None:
+    """Refuse a damaged image before FileStorage gets a chance to rewrite it.
+
+    FileStorage opened for writing truncates anything after the last good
+    transaction. That is right for an uncommitted tail left by a crash during
+    commit (its status byte is still 'c'), and wrong for a file cut short or
+    damaged, where committed data would be cut away: refuse those.
+    """
+    if not db_path.exists() or db_path.stat().st_size == 0:
+        return
+    try:
+        storage = ZODB.FileStorage.FileStorage(str(db_path), read_only=True)
+    except (StorageError, OSError, ValueError, struct.error, KeyError) as exc:
+        raise ImageDamaged(
+            f"image file {db_path} cannot be read ({type(exc).__name__}: {exc}). "
+            "It was not modified. Restore it from a backup, or try "
+            f"`python -m ZODB.scripts.fsrecover {db_path} {db_path}.recovered`."
+        ) from exc
+    try:
+        good_end = storage._pos
+    finally:
+        storage.close()
+    size = db_path.stat().st_size
+    if size <= good_end:
+        return
+    with open(db_path, "rb") as handle:
+        handle.seek(good_end)
+        header = handle.read(_TRANSACTION_HEADER_SIZE)
+    if len(header) == _TRANSACTION_HEADER_SIZE:
+        status = struct.unpack(_TRANSACTION_HEADER, header)[2]
+        if status == b"c":
+            log.warning("discarding an uncommitted transaction left by a crash in %s", db_path)
+            return
+    raise ImageDamaged(
+        f"image file {db_path} is damaged or truncated: committed data ends at byte "
+        f"{good_end} but the file has {size} bytes. It was not modified. "
+        "Restore it from a backup, or inspect it with "
+        f"`python -m ZODB.scripts.fstest {db_path}`."
+    )
+
+
+@dataclass
+class OpenImage:
+    """An open image: the database the kernel uses, and the ZEO server if it serves one."""
+
+    db: ZODB.DB
+    description: str
+    zeo_address: tuple[str, int] | None = None
+    address_file: Path | None = None
+    _server: Any = None
+    _storage: Any = None
+    _closed: bool = field(default=False, repr=False)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.db.close()
+        if self._server is not None:
+            self._server.close()
+        elif self._storage is not None:
+            self._storage.close()
+        if self.address_file is not None:
+            try:
+                if json.loads(self.address_file.read_text()).get("pid") == os.getpid():
+                    self.address_file.unlink()
+            except (OSError, ValueError):
+                pass
+
+
+def address_file_for(db_path: Path) -> Path:
+    return db_path.with_name(db_path.name + ".zeo.json")
+
+
+def running_kernel_address(db_path: Path) -> tuple[str, int] | None:
+    """The ZEO address of a live kernel serving this image, if one is."""
+    path = address_file_for(db_path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not _pid_alive(str(data.get("pid"))):
+        return None
+    return (data["host"], int(data["port"]))
+
+
+def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
+    db_path = settings.db_path
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    settings.blob_path.mkdir(parents=True, exist_ok=True)
+    check_image_file(db_path)
+    try:
+        return ZODB.FileStorage.FileStorage(
+            str(db_path), blob_dir=str(settings.blob_path), read_only=read_only
+        )
+    except Exception as exc:
+        if type(exc).__name__ == "LockError":
+            pid = lock_holder(db_path)
+            who = f"PID {pid}" if pid else "another process"
+            raise ImageInUse(
+                f"image {db_path} is in use by {who}. Stop that kernel first, or open "
+                "the live image through it with `python batos.py shell`."
+            ) from None
+        raise
+
+
+def _parse_host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise ImageError(f"ZEO address {text!r} must look like HOST:PORT")
+    return host, int(port)
+
+
+def open_image(
+    settings: Settings, *, serve_zeo: bool | None = None, read_only: bool = False
+) -> OpenImage:
+    """Open the image named by ``settings.db`` for this process."""
+    cache_size = 20_000
+    if not settings.is_file_storage:
+        return _open_uri(settings, cache_size)
+    storage = _open_file_storage(settings, read_only=read_only)
+    if serve_zeo is None:
+        serve_zeo = settings.zeo.lower() not in {"", "off", "no", "false"}
+    if not serve_zeo:
+        db = ZODB.DB(storage, cache_size=cache_size)
+        return OpenImage(db=db, description=f"file {settings.db_path}", _storage=storage)
+    return _serve_over_zeo(settings, storage, cache_size)
+
+
+def _serve_over_zeo(settings: Settings, storage: Any, cache_size: int) -> OpenImage:
+    import ZEO
+    from ZEO.StorageServer import StorageServer
+
+    host, port = _parse_host_port(settings.zeo)
+    if host not in {"127.0.0.1", "localhost", "::1"}:
+        storage.close()
+        raise ImageError(f"the ZEO server binds loopback only (got {host})")
+    try:
+        server = StorageServer((host, port), {"1": storage})
+    except Exception:
+        storage.close()
+        raise
+    server.start_thread()
+    address = server.acceptor.addr[:2]
+    client = ZEO.client(
+        address, blob_dir=str(settings.blob_path), shared_blob_dir=True, wait_timeout=30
+    )
+    db = ZODB.DB(client, cache_size=cache_size)
+    address_file = address_file_for(settings.db_path)
+    tmp = address_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"host": address[0], "port": address[1], "pid": os.getpid()}))
+    os.replace(tmp, address_file)
+    return OpenImage(
+        db=db,
+        description=f"file {settings.db_path} served over ZEO at {address[0]}:{address[1]}",
+        zeo_address=address,
+        address_file=address_file,
+        _server=server,
+    )
+
+
+def open_zeo_client(
+    address: tuple[str, int], settings: Settings, *, read_only: bool = False
+) -> ZODB.DB:
+    """Connect to a kernel's storage server (shell, second kernel)."""
+    import ZEO
+
+    kwargs: dict[str, Any] = {"wait_timeout": 30, "read_only": read_only}
+    if settings.is_file_storage and settings.blob_path.exists():
+        kwargs.update(blob_dir=str(settings.blob_path), shared_blob_dir=True)
+    else:
+        kwargs.update(blob_dir=str(Path(settings.db_path.parent, ".zeo-client-blobs")))
+    return ZODB.DB(ZEO.client(address, **kwargs), cache_size=20_000)
+
+
+def _open_uri(settings: Settings, cache_size: int) -> OpenImage:
+    """zeo://HOST:PORT?blob_dir=..., zconfig://FILE, or any zodburi scheme."""
+    uri = settings.db
+    if uri.startswith("zeo://"):
+        rest = uri.removeprefix("zeo://").split("?", 1)[0]
+        address = _parse_host_port(rest)
+        import ZEO
+
+        blob_dir = settings.blob_dir or str(Path(".zeo-client-blobs").resolve())
+        client = ZEO.client(address, blob_dir=blob_dir, shared_blob_dir=False, wait_timeout=30)
+        db = ZODB.DB(client, cache_size=cache_size)
+        return OpenImage(db=db, description=f"ZEO server {address[0]}:{address[1]}")
+    import zodburi
+
+    try:
+        factory, dbkw = zodburi.resolve_uri(uri)
+    except (KeyError, ValueError) as exc:
+        raise ImageError(f"cannot open image {uri!r}: {exc}") from None
+    storage = factory()
+    dbkw.setdefault("cache_size", cache_size)
+    db = ZODB.DB(storage, **dbkw)
+    return OpenImage(db=db, description=uri)

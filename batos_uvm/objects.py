@@ -1,0 +1,534 @@
+"""UvmObject: the persistent, prototype-based particle of the living image.
+
+An object is a bag of *slots* (ordinary attributes in its own persistent state,
+so one object is one database record) plus *methods* stored as source text.
+What an object does not hold itself it finds in its ``parents``, searched in
+order, depth first, each ancestor once.
+
+How reads stay cheap
+    ``Persistent``'s attribute hook runs on every read and costs about three
+    times a plain read once a class defines ``__getattr__``. UvmObject reads
+    straight from the instance dict (``object.__getattribute__``); a ghost has
+    an empty dict, so its first read misses and ``__getattr__`` activates it.
+    Values found in an ancestor (immutable values, persistent objects, bound
+    methods) are copied into the reader's dict as a volatile cache: never
+    pickled, dropped whenever a prototype changes in this process or is
+    invalidated by another connection.
+
+Methods
+    Each installed method keeps every version (source, author, time, cycle id).
+    The current version is compiled on first use with a small set of builtins
+    (``batos_uvm.restricted``), never in the kernel's globals, and bound to the
+    receiver. Kernel behaviour (``doesNotUnderstand``, ``search`` ...) is a
+    method record naming a primitive of ``batos_uvm.primitives``.
+"""
+
+from __future__ import annotations
+
+import keyword
+import threading
+import time
+import types
+import weakref
+from collections.abc import Callable, Iterator, MutableMapping
+from typing import Any, NamedTuple
+
+from persistent import GHOST, Persistent
+
+from . import primitives
+
+__all__ = [
+    "MethodRecord",
+    "SelectorNotUnderstood",
+    "UvmObject",
+    "check_selector",
+    "format_oid",
+    "parse_oid",
+    "purge_delegation_caches",
+]
+
+_IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset)
+
+
+class SelectorNotUnderstood(AttributeError):
+    """No object in the receiver's delegation chain answers the selector."""
+
+    def __init__(self, receiver: Any, selector: str) -> None:
+        self.selector = selector
+        self.receiver = receiver
+        super().__init__(
+            f"{describe_briefly(receiver)} does not understand {selector!r}: "
+            "no slot or method in it or its ancestors"
+        )
+
+
+class MethodRecord(NamedTuple):
+    """One version of one method. Immutable; pickled inside its owner's state."""
+
+    selector: str
+    version: int
+    source: str | None  # Python source, or None for a primitive
+    primitive: str | None  # name in the primitive registry, or None
+    created: float
+    author: str  # persona name, "architect" or "kernel"
+    cycle_id: str | None
+    note: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "primitive" if self.primitive else "source"
+
+
+def check_selector(selector: Any) -> str:
+    """Return the selector or raise ValueError saying why it cannot name a method."""
+    if not isinstance(selector, str) or not selector:
+        raise ValueError(f"selector must be a non-empty string, not {selector!r}")
+    if not selector.isidentifier():
+        raise ValueError(f"selector {selector!r} is not a Python identifier")
+    if keyword.iskeyword(selector) or keyword.issoftkeyword(selector):
+        raise ValueError(f"selector {selector!r} is a Python keyword")
+    if selector.startswith("_"):
+        raise ValueError(f"selector {selector!r} starts with '_' (reserved for the system)")
+    if len(selector) > 120:
+        raise ValueError(f"selector is {len(selector)} characters long (at most 120)")
+    return selector
+
+
+def format_oid(oid: bytes | None) -> str:
+    return "transient" if oid is None else hex(int.from_bytes(oid, "big"))
+
+
+def parse_oid(text: str) -> bytes:
+    """Accept ``0x1f`` or ``31``; raise ValueError otherwise."""
+    text = text.strip()
+    value = int(text, 16) if text.lower().startswith("0x") else int(text, 10)
+    if not 0 <= value < 2**64:
+        raise ValueError(f"oid {text!r} is out of range")
+    return value.to_bytes(8, "big")
+
+
+def describe_briefly(obj: Any) -> str:
+    if isinstance(obj, UvmObject):
+        label = obj.__dict__.get("_label")
+        named = f" {label!r}" if label else ""
+        return f"UvmObject oid={format_oid(obj._p_oid)}{named}"
+    return repr(obj)
+
+
+# --- the delegation cache ---------------------------------------------------
+# Objects holding cached entries, and ancestors whose values were cached.
+_caching: weakref.WeakSet[UvmObject] = weakref.WeakSet()
+_serving: weakref.WeakSet[UvmObject] = weakref.WeakSet()
+_cache_lock = threading.Lock()
+_generation = 0
+
+
+def purge_delegation_caches() -> None:
+    """Forget every value cached from an ancestor (a prototype changed)."""
+    global _generation
+    with _cache_lock:
+        _generation += 1
+        for obj in list(_caching):
+            state = object.__getattribute__(obj, "__dict__")
+            for name in state.pop("_v_cached", ()):
+                state.pop(name, None)
+        _caching.clear()
+        _serving.clear()
+
+
+def _cacheable(value: Any) -> bool:
+    if isinstance(value, _IMMUTABLE) or isinstance(value, Persistent):
+        return True
+    if isinstance(value, tuple):
+        return all(_cacheable(item) for item in value)
+    return isinstance(value, (types.MethodType, BoundPrimitive))
+
+
+# --- compiled method bodies, shared by every receiver --------------------------
+_compiled: dict[tuple[str, str], types.FunctionType] = {}
+_COMPILED_LIMIT = 4096
+
+
+def compile_record(record: MethodRecord) -> types.FunctionType:
+    key = (record.selector, record.source or "")
+    function = _compiled.get(key)
+    if function is None:
+        from .restricted import compile_method
+
+        function = compile_method(
+            record.source or "", record.selector, filename=f"<{record.selector} v{record.version}>"
+        )
+        if len(_compiled) >= _COMPILED_LIMIT:
+            _compiled.clear()
+        _compiled[key] = function
+    return function
+
+
+class BoundPrimitive:
+    """A primitive bound to its receiver; the name is resolved at call time."""
+
+    __slots__ = ("receiver", "name")
+
+    def __init__(self, receiver: Any, name: str) -> None:
+        self.receiver = receiver
+        self.name = name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return primitives.resolve(self.name)(self.receiver, *args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<primitive {self.name} of {describe_briefly(self.receiver)}>"
+
+
+def bind(record: MethodRecord, receiver: Any) -> Callable[..., Any]:
+    if record.primitive:
+        return BoundPrimitive(receiver, record.primitive)
+    return types.MethodType(compile_record(record), receiver)
+
+
+class Found(NamedTuple):
+    owner: UvmObject
+    value: Any  # a slot value, or a MethodRecord when is_method
+    is_method: bool
+    searched: tuple[UvmObject, ...] = ()  # every object looked at, owner last
+
+
+def _activate(obj: UvmObject) -> dict[str, Any]:
+    if obj._p_state == GHOST:
+        obj._p_activate()
+    return object.__getattribute__(obj, "__dict__")
+
+
+class UvmObject(Persistent):
+    """A persistent prototype object: slots, parents, and methods as source."""
+
+    # Plain reads hit the instance dict directly; see the module docstring.
+    __getattribute__ = object.__getattribute__
+
+    def __init__(self, parents: Any = (), *, label: str | None = None, **slots: Any) -> None:
+        if isinstance(parents, UvmObject):
+            parents = [parents]
+        if parents:
+            self.parents = list(parents)
+        if label:
+            self._label = label
+        for name, value in slots.items():
+            setattr(self, name, value)
+
+    # -- attribute protocol ---------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        # Special names never delegate: a parent's _v_ cache or _p_ state must
+        # not leak, and pickling probes dunders on half-built objects.
+        if name.startswith(("__", "_p_", "_v_")):
+            raise AttributeError(name)
+        state = object.__getattribute__(self, "__dict__")
+        if self._p_state == GHOST:
+            self._p_activate()
+            if name in state:
+                return state[name]
+        if name.startswith("_"):
+            raise AttributeError(f"{describe_briefly(self)} has no attribute {name!r}")
+        generation = _generation
+        found = self._find(name, include_own_slots=False)
+        if found is None:
+            raise SelectorNotUnderstood(self, name)
+        value = bind(found.value, self) if found.is_method else found.value
+        if _cacheable(value):
+            self._cache(name, value, found.searched, generation)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        Persistent.__setattr__(self, name, value)
+        if not name.startswith(("_v_", "_p_")) or name == "_p_changed":
+            self._after_write(name)
+
+    def __delattr__(self, name: str) -> None:
+        Persistent.__delattr__(self, name)
+        self._after_write(name)
+
+    def _after_write(self, name: str) -> None:
+        state = object.__getattribute__(self, "__dict__")
+        cached = state.get("_v_cached")
+        if cached is not None:
+            cached.discard(name)  # a local slot now shadows the cached value
+        if self in _serving:
+            purge_delegation_caches()
+
+    def __getstate__(self) -> Any:
+        state = Persistent.__getstate__(self)
+        cached = object.__getattribute__(self, "__dict__").get("_v_cached")
+        if cached:
+            state = {key: value for key, value in state.items() if key not in cached}
+        return state
+
+    def _p_invalidate(self) -> None:
+        # Another connection changed this object: values children cached from
+        # it may be stale.
+        if self in _serving:
+            purge_delegation_caches()
+        Persistent._p_invalidate(self)
+
+    def _cache(
+        self, name: str, value: Any, searched: tuple[UvmObject, ...], generation: int
+    ) -> None:
+        with _cache_lock:
+            if generation != _generation:
+                return  # a prototype changed while we looked
+            state = object.__getattribute__(self, "__dict__")
+            state[name] = value
+            state.setdefault("_v_cached", set()).add(name)
+            _caching.add(self)
+            # A write to any object searched on the way could now shadow the
+            # value found, so each of them drops the caches when written.
+            for obj in searched:
+                _serving.add(obj)
+
+    # -- lookup ---------------------------------------------------------------
+    def ancestors(self) -> Iterator[UvmObject]:
+        """Self, then every ancestor in lookup order (depth first, each once)."""
+        seen: set[int] = set()
+        stack: list[Any] = [self]
+        while stack:
+            obj = stack.pop()
+            if id(obj) in seen or not isinstance(obj, UvmObject):
+                continue
+            seen.add(id(obj))
+            yield obj
+            parents = _activate(obj).get("parents") or ()
+            if isinstance(parents, UvmObject):
+                parents = (parents,)
+            stack.extend(reversed(list(parents)))
+
+    def _find(self, name: str, *, include_own_slots: bool = True) -> Found | None:
+        searched: list[UvmObject] = []
+        for obj in self.ancestors():
+            searched.append(obj)
+            state = _activate(obj)
+            if (obj is not self or include_own_slots) and name in state:
+                cached = state.get("_v_cached")
+                if not (cached and name in cached):
+                    return Found(obj, state[name], False, tuple(searched))
+            history = state.get("_methods", {}).get(name)
+            if history:
+                return Found(obj, history[-1], True, tuple(searched))
+        return None
+
+    def lookup(self, selector: str) -> Found | None:
+        """Where ``selector`` is answered: owner, value or method record."""
+        return self._find(selector)
+
+    def responds_to(self, selector: str) -> bool:
+        return self._find(selector) is not None
+
+    def send(self, selector: str, *args: Any, **kwargs: Any) -> Any:
+        """Send a message; an unknown selector goes to ``doesNotUnderstand``."""
+        found = self._find(selector)
+        if found is not None:
+            target = bind(found.value, self) if found.is_method else found.value
+            if not callable(target):
+                if args or kwargs:
+                    raise TypeError(f"slot {selector!r} is not callable; it takes no arguments")
+                return target
+            return target(*args, **kwargs)
+        handler = self._find("doesNotUnderstand")
+        if handler is None or not handler.is_method:
+            raise SelectorNotUnderstood(self, selector)
+        return bind(handler.value, self)(selector, list(args), dict(kwargs))
+
+    # -- prototypes -----------------------------------------------------------
+    def clone(self, **slots: Any) -> UvmObject:
+        """A new object delegating to this one (Self-style, nothing copied)."""
+        return UvmObject(parents=[self], **slots)
+
+    # -- slots ----------------------------------------------------------------
+    @property
+    def _slots(self) -> SlotsView:
+        return SlotsView(self)
+
+    def slot_names(self) -> list[str]:
+        return list(SlotsView(self))
+
+    # -- methods --------------------------------------------------------------
+    def _method_table(self) -> dict[str, list[MethodRecord]]:
+        return _activate(self).get("_methods", {})
+
+    def _add_version(self, selector: str, **fields: Any) -> MethodRecord:
+        check_selector(selector)
+        table = dict(self._method_table())
+        history = list(table.get(selector, ()))
+        record = MethodRecord(
+            selector=selector,
+            version=len(history) + 1,
+            created=time.time(),
+            **fields,
+        )
+        history.append(record)
+        table[selector] = history
+        self._methods = table  # a new dict: the assignment marks the object changed
+        state = object.__getattribute__(self, "__dict__")
+        if selector in state.get("_v_cached", ()):
+            state.pop(selector, None)
+            state["_v_cached"].discard(selector)
+        purge_delegation_caches()
+        return record
+
+    def install_method(
+        self,
+        selector: str,
+        source: str,
+        *,
+        author: str = "architect",
+        cycle_id: str | None = None,
+        note: str = "",
+        audit: bool = True,
+    ) -> MethodRecord:
+        """Store a new version of a method; audited by the Guardian unless told not to."""
+        check_selector(selector)
+        if audit:
+            from .guardian import audit as guardian_audit
+
+            guardian_audit(source, selector)
+        from .restricted import compile_method
+
+        compile_method(source, selector)  # fail now, not at first call
+        return self._add_version(
+            selector, source=source, primitive=None, author=author, cycle_id=cycle_id, note=note
+        )
+
+    def install_primitive(self, selector: str, primitive: str, *, note: str = "") -> MethodRecord:
+        """Answer ``selector`` with the kernel primitive registered as ``primitive``."""
+        return self._add_version(
+            selector, source=None, primitive=primitive, author="kernel", cycle_id=None, note=note
+        )
+
+    def methods(self) -> dict[str, MethodRecord]:
+        """This object's own methods, current version of each."""
+        return {name: history[-1] for name, history in self._method_table().items()}
+
+    def method_history(self, selector: str) -> list[MethodRecord]:
+        """Every version of a method, oldest first (searching ancestors too)."""
+        for obj in self.ancestors():
+            history = obj._method_table().get(selector)
+            if history:
+                return list(history)
+        raise SelectorNotUnderstood(self, selector)
+
+    def method_source(self, selector: str, version: int | None = None) -> str:
+        history = self.method_history(selector)
+        record = history[-1] if version is None else _version(history, selector, version)
+        return record.source if record.source is not None else f"<primitive {record.primitive}>"
+
+    def revert_method(self, selector: str, version: int, *, author: str = "architect") -> MethodRecord:
+        """Make an earlier version current again, as a new version (history stays linear)."""
+        history = self._method_table().get(selector)
+        if not history:
+            raise SelectorNotUnderstood(self, selector)
+        old = _version(history, selector, version)
+        return self._add_version(
+            selector,
+            source=old.source,
+            primitive=old.primitive,
+            author=author,
+            cycle_id=old.cycle_id,
+            note=f"revert to version {version}",
+        )
+
+    def remove_method(self, selector: str) -> None:
+        table = dict(self._method_table())
+        if table.pop(selector, None) is None:
+            raise SelectorNotUnderstood(self, selector)
+        self._methods = table
+        purge_delegation_caches()
+
+    # -- presentation ----------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Slots, parents and methods, as plain data (for ``inspect`` and ``ls``)."""
+        state = _activate(self)
+        return {
+            "oid": format_oid(self._p_oid),
+            "label": state.get("_label"),
+            "slots": {name: _short_repr(value) for name, value in SlotsView(self).items()},
+            "parents": [describe_briefly(p) for p in state.get("parents") or ()],
+            "methods": {
+                name: {
+                    "version": record.version,
+                    "kind": record.kind,
+                    "author": record.author,
+                    "cycle_id": record.cycle_id,
+                    "created": record.created,
+                }
+                for name, record in self.methods().items()
+            },
+        }
+
+    def __repr__(self) -> str:
+        state = _activate(self)
+        slots = [name for name in SlotsView(self) if name != "parents"]
+        methods = sorted(state.get("_methods", {}))
+        parents = len(state.get("parents") or ())
+        return (
+            f"<{describe_briefly(self)} slots={slots} methods={methods} parents={parents}>"
+        )
+
+
+def _version(history: list[MethodRecord], selector: str, version: int) -> MethodRecord:
+    for record in history:
+        if record.version == version:
+            return record
+    raise ValueError(f"{selector!r} has no version {version} (versions 1..{len(history)})")
+
+
+def _short_repr(value: Any, limit: int = 200) -> str:
+    if isinstance(value, UvmObject):
+        return describe_briefly(value)
+    try:
+        text = repr(value)
+    except Exception as exc:  # a broken __repr__ must not break inspection
+        text = f"<unrepresentable {type(value).__name__}: {exc}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class SlotsView(MutableMapping[str, Any]):
+    """The object's own slots as a mapping (``obj._slots``), without internals."""
+
+    __slots__ = ("_obj",)
+
+    def __init__(self, obj: UvmObject) -> None:
+        self._obj = obj
+
+    def _state(self) -> dict[str, Any]:
+        return _activate(self._obj)
+
+    def _visible(self, name: str) -> bool:
+        state = self._state()
+        return not name.startswith("_") and name not in state.get("_v_cached", ())
+
+    def __getitem__(self, name: str) -> Any:
+        state = self._state()
+        if name in state and self._visible(name):
+            return state[name]
+        raise KeyError(name)
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        if name.startswith("_"):
+            raise KeyError(f"slot names may not start with '_': {name!r}")
+        setattr(self._obj, name, value)
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self:
+            raise KeyError(name)
+        delattr(self._obj, name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([name for name in list(self._state()) if self._visible(name)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return f"<slots of {describe_briefly(self._obj)}: {sorted(self)}>"
+
+
+# Behaviour every image needs, also without a kernel.
+primitives.register("clone", lambda receiver, **slots: receiver.clone(**slots))
+primitives.register("describe", lambda receiver: receiver.describe())
