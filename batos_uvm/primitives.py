@@ -23,8 +23,8 @@ class PrimitiveUnavailable(RuntimeError):
 
 def register(name: str, function: Primitive, *, replace: bool = True) -> None:
     """Provide ``name``; the function is called as ``function(receiver, *args, **kwargs)``."""
-    if not name.isidentifier():
-        raise ValueError(f"primitive name {name!r} is not an identifier")
+    if not all(part.isidentifier() for part in name.split(".")):
+        raise ValueError(f"primitive name {name!r} is not a dotted identifier")
     if not replace and name in _REGISTRY:
         raise ValueError(f"primitive {name!r} is already registered")
     _REGISTRY[name] = function

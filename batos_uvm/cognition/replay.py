@@ -52,6 +52,8 @@ def load_cassette(path: str | Path) -> list[CassetteLine]:
             raise CognitionError(f"{path}:{number}: not JSON ({exc.msg})") from None
         if not isinstance(data, dict):
             raise CognitionError(f"{path}:{number}: a line must be a JSON object")
+        if set(data) == {"comment"}:
+            continue  # a line that only documents the cassette
         unknown = set(data) - {"persona", "state", "prompt_contains", "response", "comment"}
         if unknown:
             raise CognitionError(f"{path}:{number}: unknown key(s) {sorted(unknown)}")
