@@ -89,4 +89,3 @@ class AuditTrail:
             self._task.cancel()
         await self._logger.shutdown()
         self._task = None
-

@@ -28,10 +28,16 @@ examples:
 
 
 def _kernel_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--db", help="image: a FileStorage path (default live_image.fs), "
-                        "zeo://HOST:PORT or zconfig://FILE [BATOS_DB]")
-    parser.add_argument("--blob-dir", dest="blob_dir",
-                        help="blob directory (default: the image path + .blob) [BATOS_BLOB_DIR]")
+    parser.add_argument(
+        "--db",
+        help="image: a FileStorage path (default live_image.fs), "
+        "zeo://HOST:PORT or zconfig://FILE [BATOS_DB]",
+    )
+    parser.add_argument(
+        "--blob-dir",
+        dest="blob_dir",
+        help="blob directory (default: the image path + .blob) [BATOS_BLOB_DIR]",
+    )
     parser.add_argument("--config", help="a batos.toml settings file [BATOS_CONFIG]")
 
 
@@ -43,24 +49,46 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _kernel_options(parser)
-    parser.add_argument("--endpoint", help="bridge endpoint (default tcp://127.0.0.1:5555) "
-                        "[BATOS_ENDPOINT]")
-    parser.add_argument("--backend", help="cognition for every persona: replay:CASSETTE, "
-                        "transformers, llama-cpp:MODEL.gguf or openai:URL#MODEL [BATOS_BACKEND]")
-    parser.add_argument("--demo", action="store_true",
-                        help="answer briefs from the demo cassette (replayed, and labelled so)")
-    parser.add_argument("--zeo", help="serve the image over ZEO at HOST:PORT on loopback "
-                        "(default 127.0.0.1:0, 'off' to disable) [BATOS_ZEO]")
+    parser.add_argument(
+        "--endpoint", help="bridge endpoint (default tcp://127.0.0.1:5555) [BATOS_ENDPOINT]"
+    )
+    parser.add_argument(
+        "--backend",
+        help="cognition for every persona: replay:CASSETTE, "
+        "transformers, llama-cpp:MODEL.gguf or openai:URL#MODEL [BATOS_BACKEND]",
+    )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="answer briefs from the demo cassette (replayed, and labelled so)",
+    )
+    parser.add_argument(
+        "--zeo",
+        help="serve the image over ZEO at HOST:PORT on loopback "
+        "(default 127.0.0.1:0, 'off' to disable) [BATOS_ZEO]",
+    )
     parser.add_argument("--workers", type=int, help="worker connections (default 2)")
-    parser.add_argument("--max-attempts", dest="max_attempts", type=int,
-                        help="synthesis attempts per cycle (default 3)")
-    parser.add_argument("--embedder", choices=["auto", "minilm", "hashing"],
-                        help="sentence embeddings for the catalog (default auto)")
-    parser.add_argument("--curve-dir", dest="curve_dir",
-                        help="CURVE keys made by `batos.py keys generate DIR`")
-    parser.add_argument("--allow-insecure-remote", dest="allow_insecure_remote",
-                        action="store_true", default=None,
-                        help="allow a non-loopback endpoint without CURVE (not recommended)")
+    parser.add_argument(
+        "--max-attempts",
+        dest="max_attempts",
+        type=int,
+        help="synthesis attempts per cycle (default 3)",
+    )
+    parser.add_argument(
+        "--embedder",
+        choices=["auto", "minilm", "hashing"],
+        help="sentence embeddings for the catalog (default auto)",
+    )
+    parser.add_argument(
+        "--curve-dir", dest="curve_dir", help="CURVE keys made by `batos.py keys generate DIR`"
+    )
+    parser.add_argument(
+        "--allow-insecure-remote",
+        dest="allow_insecure_remote",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback endpoint without CURVE (not recommended)",
+    )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command")
     shell = sub.add_parser("shell", help="interactive console on the living image")
@@ -82,8 +110,18 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Any:
     overrides = {
         name: getattr(args, name, None)
-        for name in ("db", "blob_dir", "endpoint", "backend", "zeo", "workers", "max_attempts",
-                     "embedder", "curve_dir", "allow_insecure_remote")
+        for name in (
+            "db",
+            "blob_dir",
+            "endpoint",
+            "backend",
+            "zeo",
+            "workers",
+            "max_attempts",
+            "embedder",
+            "curve_dir",
+            "allow_insecure_remote",
+        )
     }
     if getattr(args, "demo", False):
         overrides["backend"] = f"replay:{DEMO_CASSETTE}"

@@ -444,24 +444,50 @@ class Orchestrator:
             durations=log.durations(),
             replayed=log.replayed,
         )
-        return CycleOutcome(log.cycle_id, state_name, log.reason, log.replayed, log.installed_version)
+        return CycleOutcome(
+            log.cycle_id, state_name, log.reason, log.replayed, log.installed_version
+        )
 
     def _audit_artifacts(self, ctx: CycleContext, state_name: str) -> None:
         log, trail = ctx.log, ctx.services.audit
         if state_name == "DECOMPOSING":
-            trail.record(log.cycle_id, log.brief, "ARTIFACT_GENERATED", state_name,
-                         artifact_type="research_plan", queries=log.research_plan,
-                         fallback=log.plan_fallback)
+            trail.record(
+                log.cycle_id,
+                log.brief,
+                "ARTIFACT_GENERATED",
+                state_name,
+                artifact_type="research_plan",
+                queries=log.research_plan,
+                fallback=log.plan_fallback,
+            )
         elif state_name == "DELEGATING":
-            trail.record(log.cycle_id, log.brief, "RESEARCH_COMPLETE", state_name,
-                         context_snippets=len(log.retrieved_context))
+            trail.record(
+                log.cycle_id,
+                log.brief,
+                "RESEARCH_COMPLETE",
+                state_name,
+                context_snippets=len(log.retrieved_context),
+            )
         elif state_name == "SYNTHESIZING" and ctx.candidate:
-            trail.record(log.cycle_id, log.brief, "ARTIFACT_GENERATED", state_name,
-                         artifact_type="code", attempt=ctx.attempt, code=ctx.candidate["code"])
+            trail.record(
+                log.cycle_id,
+                log.brief,
+                "ARTIFACT_GENERATED",
+                state_name,
+                artifact_type="code",
+                attempt=ctx.attempt,
+                code=ctx.candidate["code"],
+            )
         elif state_name == "VALIDATING" and ctx.candidate:
             event = "VALIDATION_SUCCESS" if ctx.candidate.get("ok") else "VALIDATION_FAILURE"
-            trail.record(log.cycle_id, log.brief, event, state_name, attempt=ctx.attempt,
-                         reason=ctx.candidate.get("reason"))
+            trail.record(
+                log.cycle_id,
+                log.brief,
+                event,
+                state_name,
+                attempt=ctx.attempt,
+                reason=ctx.candidate.get("reason"),
+            )
 
     @staticmethod
     def _begin(connection: Any, log: CycleLog) -> None:

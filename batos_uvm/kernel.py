@@ -99,7 +99,11 @@ class Kernel:
         if serve_bridge:
             from .bridge import Bridge, CurveServerConfig
 
-            curve = CurveServerConfig.from_dir(self.settings.curve_dir) if self.settings.curve_dir else None
+            curve = (
+                CurveServerConfig.from_dir(self.settings.curve_dir)
+                if self.settings.curve_dir
+                else None
+            )
             self.bridge = Bridge(
                 self,
                 self.settings.endpoint,
@@ -124,8 +128,11 @@ class Kernel:
                     log.info("prototypal awakening: incarnated %s", ", ".join(created))
                 interrupted = mark_interrupted(root)
                 if interrupted:
-                    log.warning("marked %d interrupted cycle(s): %s", len(interrupted),
-                                ", ".join(interrupted))
+                    log.warning(
+                        "marked %d interrupted cycle(s): %s",
+                        len(interrupted),
+                        ", ".join(interrupted),
+                    )
                 meta = root["image_meta"]
                 if not meta.get("codex_ingested"):
                     self._ingest_codex(root)
@@ -173,8 +180,10 @@ class Kernel:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.start()
-        print(f"BAT OS kernel ready: bridge {self.bridge.endpoint}, image {self.image.description}",
-              flush=True)
+        print(
+            f"BAT OS kernel ready: bridge {self.bridge.endpoint}, image {self.image.description}",
+            flush=True,
+        )
         await self._stopping.wait()
         await self.stop()
         return 0
@@ -228,7 +237,9 @@ class Kernel:
         return await future
 
     # -- the request handler (see protocol.RequestHandler) -------------------------------------
-    async def handle(self, request: Any, progress: Callable[[ProgressEvent], Awaitable[None]]) -> Reply:
+    async def handle(
+        self, request: Any, progress: Callable[[ProgressEvent], Awaitable[None]]
+    ) -> Reply:
         async def emit(event: dict[str, Any]) -> None:
             await progress(ProgressEvent(**event))
 
@@ -236,18 +247,33 @@ class Kernel:
             if isinstance(request, PingRequest):
                 return Reply.complete(self.status())
             if isinstance(request, SendRequest):
-                return await self.send(request.target, request.selector, request.args,
-                                       request.kwargs, emit)
+                return await self.send(
+                    request.target, request.selector, request.args, request.kwargs, emit
+                )
             if isinstance(request, CycleRequest):
                 brief = request.mission_brief
-                return await self.send(request.target_oid, brief.selector, brief.args,
-                                       brief.kwargs, emit, force_cycle=True)
+                return await self.send(
+                    request.target_oid,
+                    brief.selector,
+                    brief.args,
+                    brief.kwargs,
+                    emit,
+                    force_cycle=True,
+                )
             if isinstance(request, InspectRequest):
-                return Reply.complete(await self.submit(
-                    lambda conn: _read(conn, lambda: self._resolve(conn, request.target).describe())))
+                return Reply.complete(
+                    await self.submit(
+                        lambda conn: _read(
+                            conn, lambda: self._resolve(conn, request.target).describe()
+                        )
+                    )
+                )
             if isinstance(request, CyclesRequest):
-                return Reply.complete(await self.submit(
-                    lambda conn: _read(conn, lambda: recent_cycles(conn.root(), request.limit))))
+                return Reply.complete(
+                    await self.submit(
+                        lambda conn: _read(conn, lambda: recent_cycles(conn.root(), request.limit))
+                    )
+                )
         except TargetError as exc:
             return Reply.error_reply("not_found", str(exc))
         return Reply.error_reply("unknown_command", f"unsupported request {type(request).__name__}")
@@ -283,13 +309,15 @@ class Kernel:
         try:
             if force_cycle:
                 oid = await self.submit(
-                    lambda conn: _read(conn, lambda: self._resolve(conn, target)._p_oid))
+                    lambda conn: _read(conn, lambda: self._resolve(conn, target)._p_oid)
+                )
                 outcome = await self.cycle_for(oid, brief, progress)
                 if outcome.status != "COMPLETE":
                     return _cycle_failed(outcome)
             for _ in range(SEND_RETRIES):
                 answered, value = await self.submit(
-                    lambda conn: self._try_send(conn, target, selector, args, kwargs))
+                    lambda conn: self._try_send(conn, target, selector, args, kwargs)
+                )
                 if answered:
                     return _completed(value, outcome)
                 if outcome is not None:
@@ -300,14 +328,21 @@ class Kernel:
         except TargetError:
             raise
         except Exception as exc:
-            return Reply.failed("method_raised", f"{type(exc).__name__}: {exc}",
-                                cycle_id=outcome.cycle_id if outcome else None,
-                                replayed=outcome.replayed if outcome else False)
-        return Reply.failed("not_understood", f"{selector!r} is still not understood after a cycle",
-                            cycle_id=outcome.cycle_id if outcome else None)
+            return Reply.failed(
+                "method_raised",
+                f"{type(exc).__name__}: {exc}",
+                cycle_id=outcome.cycle_id if outcome else None,
+                replayed=outcome.replayed if outcome else False,
+            )
+        return Reply.failed(
+            "not_understood",
+            f"{selector!r} is still not understood after a cycle",
+            cycle_id=outcome.cycle_id if outcome else None,
+        )
 
-    async def _try_send(self, connection: Any, target: str, selector: str, args: list[Any],
-                        kwargs: dict[str, Any]) -> tuple[bool, Any]:
+    async def _try_send(
+        self, connection: Any, target: str, selector: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> tuple[bool, Any]:
         """(True, result) when answered; (False, oid) when nobody understands the selector."""
         tm = connection.transaction_manager
         for attempt in range(1, SEND_RETRIES + 1):
@@ -345,15 +380,21 @@ class Kernel:
                 raise TargetError(f"unknown target {parsed!r}; root objects: {names}")
         else:
             try:
-                obj = connection.get(parsed.to_bytes(8, "big") if isinstance(parsed, int) else parsed)
+                obj = connection.get(
+                    parsed.to_bytes(8, "big") if isinstance(parsed, int) else parsed
+                )
             except Exception:
                 raise TargetError(f"no object with oid {target}") from None
         if not isinstance(obj, UvmObject):
             raise TargetError(f"target {target} is a {type(obj).__name__}, not a UvmObject")
         return obj
 
-    async def cycle_for(self, oid: bytes, brief: dict[str, Any],
-                        progress: Callable[[dict[str, Any]], Awaitable[None]]) -> CycleOutcome:
+    async def cycle_for(
+        self,
+        oid: bytes,
+        brief: dict[str, Any],
+        progress: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> CycleOutcome:
         """Run a cycle for (target, selector), or join the one already running."""
         key = (oid, brief["selector"])
         running = self._cycles.get(key)
@@ -372,7 +413,8 @@ class Kernel:
 
         try:
             outcome = await self.submit(
-                lambda conn: self.orchestrator.run(conn, brief, oid, broadcast))
+                lambda conn: self.orchestrator.run(conn, brief, oid, broadcast)
+            )
             joinable.future.set_result(outcome)
             return outcome
         except BaseException as exc:
@@ -392,21 +434,37 @@ class Kernel:
 
     def index_skill(self, connection: Any, cycle_log: Any, code: str) -> None:
         store = connection.root()["knowledge_catalog_obj"].store
-        text = (f"Skill {cycle_log.selector}: a method grown for the mission brief "
-                f"{cycle_log.brief}. Source:\n{code}")
-        store.add_document(f"skill:{cycle_log.target}:{cycle_log.selector}", text,
-                           {"source": "cycle", "cycle_id": cycle_log.cycle_id,
-                            "selector": cycle_log.selector, "target": cycle_log.target},
-                           self.embedder)
+        words = cycle_log.selector.replace("_", " ")
+        text = (
+            f"Skill {cycle_log.selector} ({words}): a method of {cycle_log.target} grown "
+            f"when it received {cycle_log.selector} with arguments "
+            f"{cycle_log.brief.get('args', [])}. Source:\n{code}"
+        )
+        store.add_document(
+            f"skill:{cycle_log.target}:{cycle_log.selector}",
+            text,
+            {
+                "source": "cycle",
+                "cycle_id": cycle_log.cycle_id,
+                "selector": cycle_log.selector,
+                "target": cycle_log.target,
+            },
+            self.embedder,
+        )
 
     # -- primitives (called from installed methods and the shell) --------------------------------
-    def _primitive_search(self, catalog: UvmObject, query: str, top_k: int = 5) -> list[dict[str, Any]]:
+    def _primitive_search(
+        self, catalog: UvmObject, query: str, top_k: int = 5
+    ) -> list[dict[str, Any]]:
         hits = catalog.store.search(str(query), self.embedder, top_k=int(top_k))
         return [{"doc_id": h.doc_id, "text": h.text, "score": round(h.score, 4)} for h in hits]
 
-    def _primitive_index(self, catalog: UvmObject, doc_id: str, text: str,
-                         metadata: dict[str, Any] | None = None) -> int:
-        chunks = catalog.store.add_document(str(doc_id), str(text), dict(metadata or {}), self.embedder)
+    def _primitive_index(
+        self, catalog: UvmObject, doc_id: str, text: str, metadata: dict[str, Any] | None = None
+    ) -> int:
+        chunks = catalog.store.add_document(
+            str(doc_id), str(text), dict(metadata or {}), self.embedder
+        )
         return len(chunks)
 
     def _primitive_infer(self, receiver: UvmObject, prompt: str, persona: str | None = None) -> str:
@@ -414,12 +472,19 @@ class Kernel:
 
         name = (persona or getattr(receiver, "name", None) or "ALFRED").upper()
         codex = getattr(receiver, "codex", None) or {}
-        request = InferenceRequest(persona=name, prompt=str(prompt), system=codex.get("system_prompt"))
+        request = InferenceRequest(
+            persona=name, prompt=str(prompt), system=codex.get("system_prompt")
+        )
         future = asyncio.run_coroutine_threadsafe(self.cognition.infer(request), self.loop)
         return future.result(timeout=600).text
 
-    def _primitive_start_cycle(self, orchestrator: UvmObject, brief: dict[str, Any], target_oid: bytes,
-                               progress: Callable[[dict[str, Any]], Awaitable[None]]) -> Any:
+    def _primitive_start_cycle(
+        self,
+        orchestrator: UvmObject,
+        brief: dict[str, Any],
+        target_oid: bytes,
+        progress: Callable[[dict[str, Any]], Awaitable[None]],
+    ) -> Any:
         return self.cycle_for(target_oid, brief, progress)
 
 
@@ -440,8 +505,12 @@ async def _read(connection: Any, work: Callable[[], Any]) -> Any:
 
 
 def _cycle_failed(outcome: CycleOutcome) -> Reply:
-    return Reply.failed("cycle_failed", outcome.reason or "the cognitive cycle failed",
-                        cycle_id=outcome.cycle_id, replayed=outcome.replayed)
+    return Reply.failed(
+        "cycle_failed",
+        outcome.reason or "the cognitive cycle failed",
+        cycle_id=outcome.cycle_id,
+        replayed=outcome.replayed,
+    )
 
 
 def _completed(value: Any, outcome: CycleOutcome | None) -> Reply:

@@ -418,7 +418,9 @@ class UvmObject(Persistent):
         record = history[-1] if version is None else _version(history, selector, version)
         return record.source if record.source is not None else f"<primitive {record.primitive}>"
 
-    def revert_method(self, selector: str, version: int, *, author: str = "architect") -> MethodRecord:
+    def revert_method(
+        self, selector: str, version: int, *, author: str = "architect"
+    ) -> MethodRecord:
         """Make an earlier version current again, as a new version (history stays linear)."""
         history = self._method_table().get(selector)
         if not history:
@@ -466,9 +468,7 @@ class UvmObject(Persistent):
         slots = [name for name in SlotsView(self) if name != "parents"]
         methods = sorted(state.get("_methods", {}))
         parents = len(state.get("parents") or ())
-        return (
-            f"<{describe_briefly(self)} slots={slots} methods={methods} parents={parents}>"
-        )
+        return f"<{describe_briefly(self)} slots={slots} methods={methods} parents={parents}>"
 
 
 def _version(history: list[MethodRecord], selector: str, version: int) -> MethodRecord:

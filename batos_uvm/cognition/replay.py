@@ -101,7 +101,7 @@ class ReplayBackend:
         start = " ".join(request.prompt.split())[:160]
         raise CognitionError(
             f"replay cassette {self.path} has no answer for {request.persona}"
-            f"{' in ' + request.state if request.state else ''}; the prompt starts: {start!r}"
+            f"{' in ' + request.state if request.state else ''}; the prompt starts: \"{start}\""
         )
 
     def describe(self) -> str:

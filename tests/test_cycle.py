@@ -1,0 +1,354 @@
+"""The cognitive cycle through the kernel's Python API, with replay cassettes.
+
+Each test runs a real kernel (real FileStorage, real trial subprocesses) in
+this process without the bridge; tests/test_kernel_process.py drives a kernel
+process through the bridge and the chat client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import transaction
+
+from batos_uvm.config import load_settings
+from batos_uvm.kernel import Kernel
+
+TIME_CODE = """```python
+def report_the_current_system_time(self):
+    import datetime
+    return datetime.datetime.now().isoformat()
+```"""
+
+
+def cassette(tmp_path: Path, lines: list[dict[str, Any]]) -> str:
+    path = tmp_path / "cassette.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return str(path)
+
+
+def synth(selector: str, reply: str, contains: str | None = None) -> dict[str, Any]:
+    return {"persona": "BRICK", "state": "SYNTHESIZING",
+            "prompt_contains": contains or f"'{selector}'", "response": reply}
+
+
+PLAN = {"persona": None, "state": "DECOMPOSING", "prompt_contains": "", "response": '["time"]'}
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, lines: list[dict[str, Any]], **settings: Any) -> None:
+        self.tmp_path = tmp_path
+        self.settings = load_settings(None, {
+            "db": str(tmp_path / "live_image.fs"), "zeo": "off", "embedder": "hashing",
+            "backend": "replay:" + cassette(tmp_path, lines),
+            "metacognition_log": str(tmp_path / "metacognition.jsonl"),
+            "trial_wall_seconds": 3.0, "trial_cpu_seconds": 1.5, "max_attempts": 1,
+            **settings}, environ={})
+        self.kernel: Kernel | None = None
+        self.events: list[dict[str, Any]] = []
+
+    async def start(self) -> Kernel:
+        self.kernel = Kernel(self.settings)
+        await self.kernel.start(serve_bridge=False)
+        return self.kernel
+
+    async def stop(self) -> None:
+        if self.kernel is not None:
+            await self.kernel.stop()
+            self.kernel = None
+
+    async def send(self, selector: str, *args: Any, target: str = "genesis_obj"):
+        async def progress(event: dict[str, Any]) -> None:
+            self.events.append(event)
+
+        return await self.kernel.send(target, selector, list(args), {}, progress)
+
+    def record(self, cycle_id: str) -> dict[str, Any]:
+        return self.read(lambda root: {"status": root["cycles"][cycle_id].status,
+                                       **root["cycles"][cycle_id].data})
+
+    def read(self, work):
+        conn = self.kernel.image.db.open(transaction_manager=transaction.TransactionManager())
+        try:
+            return work(conn.root())
+        finally:
+            conn.transaction_manager.abort()
+            conn.close()
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_brief_grows_a_method_and_returns_its_result(tmp_path):
+    harness = Harness(tmp_path, [PLAN, synth("report_the_current_system_time", TIME_CODE)])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("report_the_current_system_time")
+            assert reply.status == "COMPLETE", reply
+            assert reply.result.startswith("20") and "T" in reply.result
+            assert reply.replayed and reply.cycle_id
+            states = [e["state"] for e in harness.events]
+            assert states == ["IDLE", "DECOMPOSING", "DELEGATING", "SYNTHESIZING",
+                              "VALIDATING", "COMPLETE"]
+            data = harness.record(reply.cycle_id)
+            assert data["status"] == "COMPLETE"
+            assert data["research_plan"] == ["time"] and data["installed_version"] == 1
+            assert [c["persona"] for c in data["llm_calls"]] == ["BABS", "BRICK"]
+            assert all(c["replayed"] for c in data["llm_calls"])
+            assert data["attempts"][0]["trial"]["ok"] is True
+            method = harness.read(lambda root: root["genesis_obj"].method_history(
+                "report_the_current_system_time")[-1])
+            assert method.cycle_id == reply.cycle_id and method.author == "BRICK"
+            # the skill is in the catalog for later cycles
+            hits = harness.read(lambda root: root["knowledge_catalog_obj"].store.search(
+                "report current system time", harness.kernel.embedder, top_k=3))
+            assert any(hit.doc_id.startswith("skill:") for hit in hits)
+        finally:
+            await harness.stop()
+        # after a restart the method answers without a cycle
+        await harness.start()
+        try:
+            harness.events.clear()
+            again = await harness.send("report_the_current_system_time")
+            assert again.status == "COMPLETE" and again.cycle_id is None
+            assert harness.events == []
+        finally:
+            await harness.stop()
+        lines = [json.loads(line) for line in
+                 (tmp_path / "metacognition.jsonl").read_text().splitlines()]
+        assert {"timestamp", "cycle_id", "mission_brief_hash", "event_type", "state"} <= set(lines[0])
+        assert [l["event_type"] for l in lines][-1] == "FINAL_OUTCOME"
+
+    run(scenario())
+
+
+FAILURES = {
+    "covenant": ("""```python
+def grow(self):
+    self.size = 1
+    return 1
+```""", "persistence-covenant"),
+    "raises": ("""```python
+def grow(self):
+    return 1 / 0
+```""", "ZeroDivisionError"),
+    "loops": ("""```python
+def grow(self):
+    while True:
+        pass
+```""", "time"),
+    "memory": ("""```python
+def grow(self):
+    block = [0] * (10 ** 9)
+    return len(block)
+```""", "memory"),
+    "socket": ("""```python
+def grow(self):
+    import socket
+    return socket.socket()
+```""", "socket"),
+    "writes": ("""```python
+def grow(self):
+    return open("/tmp/batos-escape.txt", "w").write("x")
+```""", "open"),
+    "not code": ("I am sorry, I cannot help with that request today.", "syntax"),
+    "empty": ("```python\n```", "no code"),
+    "wrong name": ("""```python
+def something_else(self):
+    return 1
+```""", "grow"),
+    "wrong result": ("""```python
+def grow(self, n):
+    return n + 1
+```
+```json
+[{"args": [2], "expect": 4}]
+```""", "expected 4"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(FAILURES))
+def test_bad_methods_fail_with_their_reason_and_install_nothing(tmp_path, case):
+    reply_text, reason = FAILURES[case]
+    harness = Harness(tmp_path, [PLAN, synth("grow", reply_text)])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("grow", 2) if case == "wrong result" else \
+                await harness.send("grow")
+            assert reply.status == "FAILED"
+            assert reason.lower() in reply.error.reason.lower(), reply.error.reason
+            assert not harness.read(lambda root: root["genesis_obj"].responds_to("grow"))
+            record = harness.record(reply.cycle_id)
+            assert record["status"] == "FAILED" and record["attempts"][0]["ok"] is False
+            assert record["attempts"][0]["code"] is not None
+        finally:
+            await harness.stop()
+
+    run(scenario())
+    assert not Path("/tmp/batos-escape.txt").exists()
+
+
+def test_a_failed_attempt_is_retried_with_the_reason(tmp_path):
+    bad = """```python
+def grow(self):
+    self.size = 1
+    return self.size
+```"""
+    good = """```python
+def grow(self):
+    self.size = 1
+    self._p_changed = True
+    return self.size
+```"""
+    harness = Harness(tmp_path, [
+        PLAN,
+        synth("grow", good, contains="previous attempt failed validation: Persistence Guardian"),
+        synth("grow", bad),
+    ], max_attempts=3)
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("grow")
+            assert reply.status == "COMPLETE" and reply.result == 1
+            attempts = harness.record(reply.cycle_id)["attempts"]
+            assert [a["ok"] for a in attempts] == [False, True]
+            assert "persistence-covenant" in attempts[0]["reason"]
+            assert harness.read(lambda root: root["genesis_obj"].size) == 1
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_invalid_selectors_are_refused_before_any_llm_call(tmp_path):
+    harness = Harness(tmp_path, [])
+
+    async def scenario():
+        await harness.start()
+        try:
+            for selector in ("class", "__class__", "has space", "_p_jar"):
+                reply = await harness.send(selector)
+                assert reply.status == "FAILED" and reply.error.kind == "invalid_selector"
+            assert harness.read(lambda root: len(root["cycles"])) == 0
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_unmatched_prompt_fails_quoting_the_prompt(tmp_path):
+    harness = Harness(tmp_path, [PLAN])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("grow")
+            assert reply.status == "FAILED"
+            assert "no answer for BRICK in SYNTHESIZING" in reply.error.reason
+            assert "Mission: write a Python method named 'grow'" in reply.error.reason
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_no_backend_fails_fast_saying_how_to_configure(tmp_path):
+    harness = Harness(tmp_path, [])
+    harness.settings.backend = ""
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("grow")
+            assert reply.status == "FAILED"
+            assert "--backend replay:" in reply.error.reason
+            assert "models add" in reply.error.reason
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_bad_plan_falls_back_to_queries_from_the_brief(tmp_path):
+    plan = {"persona": "BABS", "prompt_contains": "", "response": "Let me think... no JSON here"}
+    harness = Harness(tmp_path, [plan, synth("report_the_current_system_time", TIME_CODE)])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("report_the_current_system_time")
+            assert reply.status == "COMPLETE"
+            data = harness.record(reply.cycle_id)
+            assert data["plan_fallback"] is True
+            assert data["research_plan"] == ["report the current system time"]
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+class SlowBackend:
+    """A test double that records how many inferences overlap."""
+
+    name = "slow-test-double"
+
+    def __init__(self, replay):
+        self.replay = replay
+        self.active = 0
+        self.peak = 0
+
+    async def infer(self, request):
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        try:
+            await asyncio.sleep(0.3)
+            return await self.replay.infer(request)
+        finally:
+            self.active -= 1
+
+    def describe(self):
+        return self.name
+
+    async def close(self):
+        return None
+
+
+def test_identical_messages_join_one_cycle_and_different_targets_run_together(tmp_path):
+    lines = [PLAN, synth("report_the_current_system_time", TIME_CODE)]
+    harness = Harness(tmp_path, lines)
+
+    async def scenario():
+        kernel = await harness.start()
+        from batos_uvm.cognition.replay import ReplayBackend
+
+        slow = SlowBackend(ReplayBackend(harness.settings.backend.removeprefix("replay:")))
+
+        async def backend_for(persona):
+            return slow
+
+        kernel.cognition.backend_for = backend_for
+        try:
+            first, second, third = await asyncio.gather(
+                harness.send("report_the_current_system_time"),
+                harness.send("report_the_current_system_time"),
+                harness.send("report_the_current_system_time", target="brick_prototype_obj"),
+            )
+            assert first.status == second.status == third.status == "COMPLETE"
+            assert first.cycle_id == second.cycle_id  # joined
+            assert third.cycle_id != first.cycle_id
+            assert harness.read(lambda root: len(root["cycles"])) == 2
+            assert slow.peak == 2  # two cycles thought at the same time
+        finally:
+            await harness.stop()
+
+    run(scenario())
