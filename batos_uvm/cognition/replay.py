@@ -9,6 +9,7 @@ first line whose persona matches (null matches any), whose state matches
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,16 +86,20 @@ class ReplayBackend:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.lines = load_cassette(self.path)
+        self._closed = False
 
     async def infer(self, request: InferenceRequest) -> Completion:
+        if self._closed:
+            raise CognitionError(f"replay backend for {self.path} is closed")
         for line in self.lines:
             if line.matches(request):
+                text, words = _within_budget(line.response, request.max_tokens)
                 return Completion(
-                    text=line.response,
+                    text=text,
                     backend=self.name,
                     model=f"cassette {self.path.name}",
                     prompt_tokens=len(request.prompt.split()),
-                    completion_tokens=len(line.response.split()),
+                    completion_tokens=words,
                     replayed=True,
                     details={"cassette": str(self.path), "line": line.number},
                 )
@@ -108,4 +113,12 @@ class ReplayBackend:
         return f"replay of {self.path} ({len(self.lines)} recorded answers)"
 
     async def close(self) -> None:
-        return None
+        self._closed = True
+
+
+def _within_budget(text: str, max_tokens: int) -> tuple[str, int]:
+    """A replay keeps the token budget too, counted in words, keeping the layout."""
+    words = list(re.finditer(r"\S+", text))
+    if len(words) <= max_tokens:
+        return text, len(words)
+    return text[: words[max_tokens - 1].end()] if max_tokens > 0 else "", max(max_tokens, 0)
