@@ -33,6 +33,7 @@ class Settings:
     trial_cpu_seconds: float = 2.0
     trial_wall_seconds: float = 5.0
     trial_memory_mb: int = 256
+    method_timeout: float = 30.0  # seconds an installed method may run per message
     metacognition_log: str = "metacognition.jsonl"
     codex: str = str(REPO_DIR / "persona_codex.jsonl")
     lora_dir: str = str(REPO_DIR / "lora_adapters")

@@ -35,6 +35,7 @@ from .cycle import (
     register_state_primitives,
     run_candidate_trial,
 )
+from .deadline import MethodAbandoned, run_with_deadline
 from .image import OpenImage, open_image
 from .objects import SelectorNotUnderstood, UvmObject, check_selector, format_oid
 from .protocol import (
@@ -218,7 +219,14 @@ class Kernel:
                 try:
                     result = await job(connection)
                 except BaseException as exc:
-                    _abort_quietly(tm)
+                    if isinstance(exc, MethodAbandoned):
+                        # A runaway thread still holds this connection: leave it to
+                        # that thread and work on a fresh one.
+                        log.warning("worker %d: %s; continuing on a new connection", number, exc)
+                        tm = transaction.TransactionManager(explicit=True)
+                        connection = self.image.db.open(transaction_manager=tm)
+                    else:
+                        _abort_quietly(tm)
                     if isinstance(exc, asyncio.CancelledError):
                         future.cancel()
                         raise
@@ -352,8 +360,13 @@ class Kernel:
                 if receiver.lookup(selector) is None:
                     tm.abort()
                     return False, receiver._p_oid
-                # Installed methods run off the event loop so the bridge keeps breathing.
-                result = await asyncio.to_thread(receiver.send, selector, *args, **kwargs)
+                # Installed methods run off the event loop so the bridge keeps breathing,
+                # and are stopped when they overrun.
+                result = await run_with_deadline(
+                    lambda: receiver.send(selector, *args, **kwargs),
+                    self.settings.method_timeout,
+                    name=f"{selector}()",
+                )
                 if asyncio.iscoroutine(result):
                     result = await result
                 tm.commit()
@@ -362,6 +375,8 @@ class Kernel:
                 tm.abort()
                 if attempt == SEND_RETRIES:
                     raise
+            except MethodAbandoned:
+                raise  # the runaway thread still uses this transaction: leave it be
             except BaseException:
                 tm.abort()
                 raise
