@@ -1,0 +1,198 @@
+"""``python batos.py models ...``: store and inspect persona models and LoRA adapters.
+
+    models list                          personas, their models and adapters, sizes, sha256
+    models add PERSONA SOURCE            SOURCE: model folder, cached model id, or a persona
+    models add-adapter NAME PERSONA DIR  a PEFT LoRA folder for PERSONA's model
+    models verify [PERSONA]              re-hash stored files against their sha256
+
+Exit status 0 on success, 1 with one ``error:`` line otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, TextIO
+
+import transaction
+from ZODB.POSException import ConflictError
+
+from . import weights as w
+
+
+def add_models_parser(subparsers: Any) -> None:
+    """Add ``list``, ``add``, ``add-adapter`` and ``verify`` to the ``models`` command.
+
+    ``subparsers`` is the ``models`` parser's ``add_subparsers(dest="models_command")``.
+    """
+    sub = subparsers
+    sub.add_parser("list", help="personas, models, adapters, sizes and sha256")
+    add = sub.add_parser("add", help="store a model for a persona")
+    add.add_argument("persona", help="ALFRED, BRICK, ROBIN, BABS ...")
+    add.add_argument("source", help="model folder, model id in the local HF cache, or a persona")
+    add.add_argument("--replace", action="store_true", help="replace the persona's model")
+    add.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
+    adapter = sub.add_parser("add-adapter", help="store a PEFT LoRA adapter for a persona")
+    adapter.add_argument("name")
+    adapter.add_argument("persona")
+    adapter.add_argument("directory", help="folder with adapter_config.json")
+    adapter.add_argument("--force", action="store_true", help="accept another base model name")
+    adapter.add_argument("--replace", action="store_true", help="replace an adapter of that name")
+    adapter.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
+    verify = sub.add_parser("verify", help="check stored files against their sha256")
+    verify.add_argument("persona", nargs="?", help="only this persona (default: all)")
+
+
+def run_models_command(
+    args: argparse.Namespace, db: Any, *, out: TextIO | None = None, err: TextIO | None = None
+) -> int:
+    """Run one ``models`` sub-command against the image ``db`` (a ``ZODB.DB``)."""
+    out, err = out or sys.stdout, err or sys.stderr
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    try:
+        root = conn.root()
+        command = args.models_command
+        if command == "list":
+            return _list(root, out)
+        if command == "verify":
+            return _verify(w.library_from_root(root), args.persona, out, err)
+        if "pLLM_obj" not in root:  # models stored before the kernel's first start
+            from .awakening import incarnate
+
+            incarnate(root)
+        library = w.library_from_root(root, create=True)
+        with _progress_bar(err) as progress:
+            if command == "add":
+                known = {id(r) for r in library.models.values()}
+                record = w.store_model(
+                    library,
+                    args.persona,
+                    args.source,
+                    progress=progress,
+                    allow_pickle=args.allow_pickle,
+                    replace=args.replace,
+                )
+                label = f"{w.persona_key(args.persona)}: model {record.name}"
+                if id(record) in known:
+                    label += " (already in the image: shared, not copied)"
+            elif command == "add-adapter":
+                record = w.store_adapter(
+                    library,
+                    args.name,
+                    args.persona,
+                    args.directory,
+                    progress=progress,
+                    allow_pickle=args.allow_pickle,
+                    force=args.force,
+                    replace=args.replace,
+                )
+                label = f"{record.persona}: adapter {record.name} (active)"
+            else:
+                raise w.WeightError(f"unknown models command {command!r}")
+        tm.get().note(f"models {command}: {label}")
+        tm.commit()
+        print(f"stored {label}, {_size(record.total_size)}, {len(record.files)} files", file=out)
+        return 0
+    except (w.WeightError, ConflictError) as e:
+        tm.abort()
+        print(f"error: {e}", file=err)
+        return 1
+    except KeyboardInterrupt:
+        tm.abort()
+        print("error: interrupted; nothing was stored", file=err)
+        return 1
+    finally:
+        tm.abort()
+        conn.close()
+
+
+class _progress_bar:
+    """A tqdm byte counter on ``err``, created on the first progress call."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err, self.bar = err, None
+
+    def __enter__(self) -> w.Progress:
+        return self.update
+
+    def update(self, name: str, done: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, file=self.err, leave=False)
+        self.bar.set_postfix_str(name, refresh=False)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _list(root: Any, out: TextIO) -> int:
+    try:
+        library = w.library_from_root(root)
+    except w.WeightError as e:
+        print(str(e), file=out)
+        return 0
+    first: dict[int, str] = {}  # record -> first persona holding it
+    for persona, record in sorted(library.models.items()):
+        owner = first.setdefault(id(record), persona)
+        active = library.active.get(persona)
+        tail = f"  adapter {active}" if active else ""
+        if owner != persona:
+            print(f"{persona:<8} same model as {owner}{tail}", file=out)
+            continue
+        cfg = record.config
+        print(
+            f"{persona:<8} {record.name}  {cfg.get('architecture')} {cfg.get('stored_dtype')}  "
+            f"{_size(record.total_size)}  id {record.fingerprint[:12]}  from {record.source}{tail}",
+            file=out,
+        )
+        for name, f in sorted(record.files.items()):
+            print(f"           {name:<36} {_size(f.size):>9}  sha256 {f.sha256[:16]}", file=out)
+    for name, a in sorted(library.adapters.items()):
+        mark = " (active)" if library.active.get(a.persona) == name else ""
+        print(
+            f"adapter  {name} for {a.persona}{mark}  r={a.config.get('r')}  "
+            f"{_size(a.total_size)}  id {a.fingerprint[:12]}",
+            file=out,
+        )
+    if not library.models:
+        print(f"no models stored yet: {w.ADD_MODEL.format(persona='PERSONA')}", file=out)
+    return 0
+
+
+def _verify(library: w.WeightLibrary, persona: str | None, out: TextIO, err: TextIO) -> int:
+    keys = [w.persona_key(persona)] if persona else sorted(library.models)
+    missing = [k for k in keys if k not in library.models]
+    if missing:
+        raise w.WeightError(f"no model stored for persona {missing[0]}")
+    checked: set[int] = set()
+    problems: list[str] = []
+    for key in keys:
+        model = library.models[key]
+        items = [(f"persona {key}'s model {model.name}", model)]
+        items += [(f"persona {key}'s adapter {a.name}", a) for a in library.adapters_for(key)]
+        for label, record in items:
+            if id(record) in checked:
+                continue
+            checked.add(id(record))
+            found = w.verify_record(record, label)
+            problems += found
+            status = "ok" if not found else f"{len(found)} damaged file(s)"
+            print(f"{label}: {len(record.files)} files, {status}", file=out)
+    for line in problems:
+        print(f"  {line}", file=out)
+    if problems:
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        print(f"error: {problems[0]}{more}", file=err)
+    return 1 if problems else 0
