@@ -85,7 +85,7 @@ class AuditTrail:
             pass  # the writer drains the queue, then is cancelled below
         try:
             await asyncio.wait_for(self._task, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._task.cancel()
         await self._logger.shutdown()
         self._task = None

@@ -54,7 +54,7 @@ async def run_with_deadline(
     thread.start()
     try:
         return await asyncio.wait_for(asyncio.shield(future), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
     if thread.ident is not None:
         _raise_in_thread(thread.ident, MethodTimeout)
@@ -62,7 +62,7 @@ async def run_with_deadline(
         await asyncio.wait_for(asyncio.shield(future), grace)
     except MethodTimeout:
         raise MethodTimeout(f"{name} ran longer than {timeout:g} s and was stopped") from None
-    except asyncio.TimeoutError:
+    except TimeoutError:
         raise MethodAbandoned(
             f"{name} ran longer than {timeout:g} s and did not stop; its thread was abandoned"
         ) from None

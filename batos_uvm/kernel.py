@@ -10,6 +10,7 @@ again to the new method.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ from .cycle import (
 )
 from .deadline import MethodAbandoned, run_with_deadline
 from .image import OpenImage, open_image
-from .objects import SelectorNotUnderstood, UvmObject, check_selector, format_oid
+from .objects import SelectorNotUnderstood, UvmObject, check_selector
 from .protocol import (
     CycleRequest,
     CyclesRequest,
@@ -138,7 +139,11 @@ class Kernel:
                 if not meta.get("codex_ingested"):
                     self._ingest_codex(root)
                     meta["codex_ingested"] = time.time()
-                self._incarnate_adapters(root)
+            for persona in PERSONAS:
+                with tm:
+                    self._persist_configured_model(connection.root(), persona)
+            with tm:
+                self._incarnate_adapters(connection.root())
         finally:
             connection.close()
         # Load the embedding model now, off the event loop, not during the first cycle.
@@ -157,6 +162,32 @@ class Kernel:
                 self.embedder,
             )
         log.info("ingested %d golden dataset entries from %s", len(entries), self.settings.codex)
+
+    def _persist_configured_model(self, root: Any, persona: str) -> None:
+        """Store a transformers persona's configured model when it is available locally."""
+        config = self.settings.persona_backend(persona)
+        if isinstance(config, str):
+            config = {"backend": config.partition(":")[0]}
+        if config.get("backend") != "transformers":
+            return
+        from .weights import WeightError, library_from_root, store_model
+
+        library = library_from_root(root, create=True)
+        if persona in library.models:
+            return
+        source = config.get("model") or config.get("source")
+        how = f"add one with: python batos.py models add {persona} SOURCE (a local folder " \
+              "or a model id in the local Hugging Face cache)"
+        if not source:
+            log.warning("%s thinks with transformers but no model is stored; %s", persona, how)
+            return
+        try:
+            record = store_model(library, persona, source)
+        except (WeightError, OSError) as exc:
+            log.warning("%s: model %s is not available locally (%s); %s", persona, source, exc, how)
+            return
+        log.info("%s: stored model %s in the image (%d bytes)", persona, source,
+                 record.total_size)
 
     def _incarnate_adapters(self, root: Any) -> None:
         try:
@@ -363,7 +394,7 @@ class Kernel:
                 # Installed methods run off the event loop so the bridge keeps breathing,
                 # and are stopped when they overrun.
                 result = await run_with_deadline(
-                    lambda: receiver.send(selector, *args, **kwargs),
+                    functools.partial(receiver.send, selector, *args, **kwargs),
                     self.settings.method_timeout,
                     name=f"{selector}()",
                 )

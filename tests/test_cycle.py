@@ -124,7 +124,7 @@ def test_brief_grows_a_method_and_returns_its_result(tmp_path):
         lines = [json.loads(line) for line in
                  (tmp_path / "metacognition.jsonl").read_text().splitlines()]
         assert {"timestamp", "cycle_id", "mission_brief_hash", "event_type", "state"} <= set(lines[0])
-        assert [l["event_type"] for l in lines][-1] == "FINAL_OUTCOME"
+        assert [line["event_type"] for line in lines][-1] == "FINAL_OUTCOME"
 
     run(scenario())
 

@@ -18,7 +18,7 @@ import ZODB.FileStorage
 from batos_uvm.awakening import PERSONA_ROOTS, STATES, incarnate
 from batos_uvm.codex import PERSONA_CODEX, read_golden_dataset
 from batos_uvm.config import REPO_DIR, Settings, load_settings
-from batos_uvm.image import ImageDamaged, ImageInUse, open_image
+from batos_uvm.image import ImageDamaged, open_image
 from batos_uvm.objects import UvmObject
 
 BATOS = str(REPO_DIR / "batos.py")

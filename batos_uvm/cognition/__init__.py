@@ -88,7 +88,9 @@ def build_backend(config: dict[str, Any], *, db: Any = None) -> CognitionBackend
 
         if db is None:
             raise CognitionError("the transformers backend needs the kernel's database")
-        return TransformersBackend.from_config(config, db=db)
+        # 'model' names what the kernel stores on awakening; the backend reads the image.
+        options = {k: v for k, v in config.items() if k not in {"model", "source"}}
+        return TransformersBackend.from_config(options, db=db)
     raise CognitionError(f"unknown cognition backend {kind!r}")
 
 
@@ -124,7 +126,9 @@ class Cognition:
         except CognitionError:
             raise
         except Exception as exc:  # a backend bug must fail the cycle, not the kernel
-            raise CognitionError(f"{backend.name} backend failed: {type(exc).__name__}: {exc}")
+            raise CognitionError(
+                f"{backend.name} backend failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def describe(self) -> dict[str, str]:
         described = {}
