@@ -18,6 +18,7 @@ import transaction
 from ZODB.POSException import ConflictError
 
 from . import weights as w
+from .weight_views import verify_record
 
 
 def add_models_parser(subparsers: Any) -> None:
@@ -186,7 +187,7 @@ def _verify(library: w.WeightLibrary, persona: str | None, out: TextIO, err: Tex
             if id(record) in checked:
                 continue
             checked.add(id(record))
-            found = w.verify_record(record, label)
+            found = verify_record(record, label)
             problems += found
             status = "ok" if not found else f"{len(found)} damaged file(s)"
             print(f"{label}: {len(record.files)} files, {status}", file=out)

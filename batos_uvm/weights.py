@@ -1,11 +1,8 @@
-"""Model weights and LoRA adapters kept in the living image, loaded without copies.
+"""Model weights and LoRA adapters kept in the living image: storing and validating them.
 
 Every file of a model (config, tokenizer, safetensors shards) is its own ZODB blob
-with its size and sha256. Loading builds a *view*: a temporary directory of
-symlinks to the committed blob files (``blob.committed()``), handed to
-``from_pretrained``; nothing is extracted or copied. Where symlinks are not
-allowed (Windows without developer mode) a hard link is used, and only if that
-fails too (another filesystem) a copy, with a warning.
+with its size and sha256. Loading them without copies (verification, views of
+links) is :mod:`batos_uvm.weight_views`; its names are re-exported here.
 
 This module needs only ZODB; torch and transformers stay in the backend.
 Storing functions take a :class:`WeightLibrary` (the kernel keeps one at
@@ -23,10 +20,8 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +30,27 @@ import persistent
 from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
+# The loading side (verification, views of links) is re-exported: callers may import it from here.
+from .weight_views import (  # noqa: F401
+    CHUNK,
+    FileRef,
+    WeightError,
+    WeightIntegrityError,
+    close_view,
+    committed_files,
+    file_view,
+    forget_verified,
+    hash_file,
+    materialise,
+    open_view,
+    verify_files,
+    verify_record,
+)
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[str, int, int], None]  # (file name, bytes done, bytes total)
 
-CHUNK = 1 << 20
 MAX_HEADER = 100 << 20  # a safetensors header larger than this is not a real one
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 FOREIGN_SUFFIXES = (".h5", ".msgpack", ".onnx", ".gguf", ".ot", ".tflite", ".mlmodel")
@@ -48,14 +59,6 @@ DTYPE_BYTES = {
     "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
 ADD_MODEL = "python batos.py models add {persona} SOURCE"
-
-
-class WeightError(ValueError):
-    """A model or adapter cannot be stored or loaded; the message names the file."""
-
-
-class WeightIntegrityError(WeightError):
-    """A stored file no longer matches its sha256."""
 
 
 class WeightFile(persistent.Persistent):
@@ -294,19 +297,11 @@ def _write_files(library: Any, plan: _Plan, progress: Progress | None) -> Persis
     return files
 
 
-def _hash_file(path: Path | str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _same_content(record: _Stored, plan: _Plan) -> bool:
     """True if ``plan`` holds exactly ``record``'s files (sizes first, then hashes)."""
     if {(n, s) for n, _, s in plan.files} != {(n, f.size) for n, f in record.files.items()}:
         return False
-    return all(_hash_file(p) == record.files[n].sha256 for n, p, _ in plan.files)
+    return all(hash_file(p) == record.files[n].sha256 for n, p, _ in plan.files)
 
 
 def _linear_parameters(shapes: dict[str, tuple[int, ...]]) -> int:
@@ -560,121 +555,3 @@ def incarnate_adapters(
         results.append((name, "stored"))
         log.info("stored LoRA adapter %s for %s", name, persona)
     return results
-
-
-# -- loading: verification and views ---------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FileRef:
-    """A committed blob file, resolved while a connection is open, usable without it."""
-
-    name: str
-    path: str
-    size: int
-    sha256: str
-
-
-_VERIFIED: set[tuple[str, str]] = set()  # (committed path, sha256): checked in this process
-
-
-def committed_files(record: _Stored) -> list[FileRef]:
-    """Paths of the record's committed blob files (needs the record's connection open)."""
-    return [
-        FileRef(name, f.blob.committed(), f.size, f.sha256)
-        for name, f in sorted(record.files.items())
-    ]
-
-
-def verify_files(refs: list[FileRef], label: str, *, force: bool = False) -> int:
-    """Check size and sha256 of files not yet verified in this process; return bytes hashed."""
-    hashed = 0
-    for ref in refs:
-        if not force and (ref.path, ref.sha256) in _VERIFIED:
-            continue
-        try:
-            size = os.path.getsize(ref.path)
-            actual = _hash_file(ref.path) if size == ref.size else f"size {size} != {ref.size}"
-        except OSError as e:
-            actual = f"unreadable ({e.strerror})"
-        if actual != ref.sha256:
-            raise WeightIntegrityError(
-                f"{label}: file {ref.name} is damaged in the image (sha256 expected "
-                f"{ref.sha256[:16]}..., got {actual[:24]}; blob {ref.path}); store it again "
-                "or restore the image from a backup"
-            )
-        hashed += ref.size
-        _VERIFIED.add((ref.path, ref.sha256))
-    return hashed
-
-
-def forget_verified() -> None:
-    """Forget which files were verified (as a process restart would)."""
-    _VERIFIED.clear()
-
-
-def _link(target: str, link: Path) -> str:
-    try:
-        os.symlink(target, link)
-        return "symlink"
-    except (OSError, NotImplementedError):
-        pass
-    try:
-        os.link(target, link)
-        return "hardlink"
-    except OSError:
-        log.warning("cannot link %s; copying it (no symlink or hard link possible)", target)
-        shutil.copyfile(target, link)
-        return "copy"
-
-
-def open_view(refs: list[FileRef], *, prefix: str = "batos-view-") -> Path:
-    """A new temporary directory whose entries link to the blob files (see :func:`close_view`).
-
-    Blob paths are long, so on ext4 each link is a "slow symlink" whose removal
-    costs a journal write (~2 ms): the model manager keeps a view for the life of
-    the process and reuses it on reloads, off the load path.
-    """
-    directory = Path(tempfile.mkdtemp(prefix=prefix))
-    try:
-        for ref in refs:
-            _link(ref.path, directory / ref.name)
-    except BaseException:
-        close_view(directory)
-        raise
-    return directory
-
-
-def close_view(directory: Path) -> None:
-    shutil.rmtree(directory, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def file_view(refs: list[FileRef], *, prefix: str = "batos-view-") -> Iterator[Path]:
-    """:func:`open_view` for the duration of a ``with`` block."""
-    directory = open_view(refs, prefix=prefix)
-    try:
-        yield directory
-    finally:
-        close_view(directory)
-
-
-@contextlib.contextmanager
-def materialise(record: _Stored, *, label: str = "", verify: bool = True) -> Iterator[Path]:
-    """Verify (once per process) and link a record's files; yields the directory."""
-    refs = committed_files(record)
-    if verify:
-        verify_files(refs, label or getattr(record, "name", "?"))
-    with file_view(refs) as directory:
-        yield directory
-
-
-def verify_record(record: _Stored, label: str = "") -> list[str]:
-    """Hash every file now; returns one problem line per damaged file (empty if all good)."""
-    problems = []
-    for ref in committed_files(record):
-        try:
-            verify_files([ref], label or record.name, force=True)
-        except WeightIntegrityError as e:
-            problems.append(str(e))
-    return problems

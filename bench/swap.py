@@ -38,7 +38,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE.parent / "tests")]
 from tinymodel import TinyImage, build_lora_adapter, build_tiny_llama  # noqa: E402
 
 from batos_uvm import weights as w  # noqa: E402
-from batos_uvm.cognition.transformers_backend import ModelManager  # noqa: E402
+from batos_uvm.cognition.model_manager import ModelManager  # noqa: E402
 
 
 def interleaved(fns: dict[str, Callable[[], object]], runs: int) -> dict[str, float]:
