@@ -28,18 +28,17 @@ examples:
 """
 
 
-def _kernel_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--db",
-        help="image: a FileStorage path (default live_image.fs), "
-        "zeo://HOST:PORT or zconfig://FILE [BATOS_DB]",
-    )
-    parser.add_argument(
-        "--blob-dir",
-        dest="blob_dir",
-        help="blob directory (default: the image path + .blob) [BATOS_BLOB_DIR]",
-    )
-    parser.add_argument("--config", help="a batos.toml settings file [BATOS_CONFIG]")
+def _kernel_options(parser: argparse.ArgumentParser, *, sub: bool = False) -> None:
+    # On sub-commands the options may also come before the command
+    # (`batos.py --db X shell`): a sub-parser must not reset them to None.
+    default = argparse.SUPPRESS if sub else None
+    parser.add_argument("--db", default=default,
+                        help="image: a FileStorage path (default live_image.fs), "
+                        "zeo://HOST:PORT or zconfig://FILE [BATOS_DB]")
+    parser.add_argument("--blob-dir", dest="blob_dir", default=default,
+                        help="blob directory (default: the image path + .blob) [BATOS_BLOB_DIR]")
+    parser.add_argument("--config", default=default,
+                        help="a batos.toml settings file [BATOS_CONFIG]")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,14 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command")
     shell = sub.add_parser("shell", help="interactive console on the living image")
-    _kernel_options(shell)
+    _kernel_options(shell, sub=True)
     shell.add_argument("--write", action="store_true", help="allow commit() (default read-only)")
     shell.add_argument("-c", dest="code", help="run CODE and exit")
     models = sub.add_parser("models", help="persona models and LoRA adapters in the image")
-    _kernel_options(models)
+    _kernel_options(models, sub=True)
     from .models_cli import add_models_parser
 
-    add_models_parser(models.add_subparsers(dest="models_command", required=True))
+    model_commands = models.add_subparsers(dest="models_command", required=True)
+    add_models_parser(model_commands)
+    for command in model_commands.choices.values():  # `models list --db X` works too
+        _kernel_options(command, sub=True)
     keys = sub.add_parser("keys", help="CURVE keys for the bridge")
     from .bridge import add_keys_parser
 
@@ -138,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if logging.getLogger().level > logging.DEBUG:
+        for chatty in ("ZODB", "ZEO", "txn"):  # storage housekeeping, not news
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     from .image import ImageError
 
     try:
