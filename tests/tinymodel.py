@@ -96,6 +96,7 @@ def build_tiny_llama(
     vocab: int = 512,
     seed: int = 0,
     dtype: str = "float32",
+    context: int = 512,
 ) -> Path:
     """Write a randomly initialised Llama model + tokenizer to ``path`` (safetensors).
 
@@ -116,7 +117,7 @@ def build_tiny_llama(
         num_hidden_layers=layers,
         num_attention_heads=heads,
         num_key_value_heads=heads,
-        max_position_embeddings=512,
+        max_position_embeddings=context,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
