@@ -68,8 +68,21 @@ class Supervised:
         return self.proc.wait(timeout=60)
 
     def cleanup(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+        """Stop the watchdog (and so its kernel); kill both if that does not work."""
+        if self.proc is None:
+            return
+        kernel_pid = self.status().get("kernel_pid")
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if kernel_pid:
+            try:
+                os.killpg(kernel_pid, signal.SIGKILL)  # the kernel has its own group
+            except (ProcessLookupError, PermissionError):
+                pass
 
 
 @pytest.fixture
