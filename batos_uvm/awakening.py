@@ -108,6 +108,7 @@ def incarnate(root: Any) -> list[str]:
 
     ensure("orchestrator_obj", make_orchestrator)
     ensure("cycles", OOBTree)  # cycle id -> CycleRecord, every cycle ever run
+    ensure("active_cycles", OOBTree)  # cycle id -> the kernel running it
     return created
 
 

@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if logging.getLogger().level > logging.DEBUG:
         for chatty in ("ZODB", "ZEO", "txn"):  # storage housekeeping, not news
             logging.getLogger(chatty).setLevel(logging.WARNING)
+    from .bridge import BridgeError
     from .image import ImageError
 
     try:
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         from .kernel import Kernel
 
         return asyncio.run(Kernel(settings).run())
-    except (ConfigError, ImageError) as exc:
+    except (ConfigError, ImageError, BridgeError) as exc:
         print(f"batos: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

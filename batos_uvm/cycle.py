@@ -93,6 +93,7 @@ class CycleLog:
     installed_version: int | None = None
     duration_s: float | None = None
     replayed: bool = False
+    owner: dict[str, Any] = field(default_factory=dict)  # the kernel running it
 
     def to_data(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self), default=repr))
@@ -393,6 +394,7 @@ class Orchestrator:
         selector = check_selector(brief.get("selector"))
         tm = connection.transaction_manager
         log = CycleLog(new_cycle_id(), dict(brief), format_oid(target_oid), selector)
+        log.owner = dict(self.services.identity)
         ctx = CycleContext(log, connection, self.services, progress)
         await _in_transaction(tm, lambda: self._begin(connection, log))
         audit_trail = self.services.audit
@@ -491,7 +493,9 @@ class Orchestrator:
 
     @staticmethod
     def _begin(connection: Any, log: CycleLog) -> None:
-        connection.root()["cycles"][log.cycle_id] = CycleRecord(log.cycle_id, log.to_data())
+        root = connection.root()
+        root["cycles"][log.cycle_id] = CycleRecord(log.cycle_id, log.to_data())
+        root["active_cycles"][log.cycle_id] = dict(log.owner)
 
     @staticmethod
     def _install(connection: Any, ctx: CycleContext) -> None:
@@ -512,6 +516,7 @@ class Orchestrator:
         cycle = connection.root()["cycles"][log.cycle_id]
         cycle.status = "COMPLETE"
         cycle.data = log.to_data()
+        connection.root()["active_cycles"].pop(log.cycle_id, None)
 
     @staticmethod
     def _record_failure(connection: Any, log: CycleLog) -> None:
@@ -521,6 +526,7 @@ class Orchestrator:
             cycle = cycles[log.cycle_id] = CycleRecord(log.cycle_id, {})
         cycle.status = "FAILED"
         cycle.data = log.to_data()
+        connection.root()["active_cycles"].pop(log.cycle_id, None)
 
 
 async def _in_transaction(tm: transaction.TransactionManager, work: Callable[[], None]) -> None:
@@ -541,17 +547,26 @@ async def _in_transaction(tm: transaction.TransactionManager, work: Callable[[],
             raise
 
 
-def mark_interrupted(root: Any) -> list[str]:
-    """Cycles left ACTIVE by a kernel that died are marked INTERRUPTED (caller commits)."""
+def mark_interrupted(root: Any, owner_alive: Callable[[dict[str, Any]], bool]) -> list[str]:
+    """Mark INTERRUPTED the active cycles whose kernel is gone (caller commits).
+
+    Another kernel sharing the image over ZEO may be running its own cycles
+    right now: ``owner_alive`` decides from the owner recorded at the start.
+    """
     interrupted = []
-    for cycle_id, record in root["cycles"].items():
-        if record.status == "ACTIVE":
+    active = root["active_cycles"]
+    for cycle_id, owner in list(active.items()):
+        if owner_alive(owner):
+            continue
+        record = root["cycles"].get(cycle_id)
+        if record is not None and record.status == "ACTIVE":
             record.status = "INTERRUPTED"
             data = dict(record.data)
             data["outcome"] = "INTERRUPTED"
             data["reason"] = "the kernel stopped before the cycle finished; nothing was installed"
             record.data = data
             interrupted.append(cycle_id)
+        del active[cycle_id]
     return interrupted
 
 

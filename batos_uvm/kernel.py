@@ -14,6 +14,7 @@ import functools
 import logging
 import os
 import signal
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -128,7 +129,7 @@ class Kernel:
                 created = incarnate(root)
                 if created:
                     log.info("prototypal awakening: incarnated %s", ", ".join(created))
-                interrupted = mark_interrupted(root)
+                interrupted = mark_interrupted(root, self._kernel_alive)
                 if interrupted:
                     log.warning(
                         "marked %d interrupted cycle(s): %s",
@@ -148,6 +149,27 @@ class Kernel:
             connection.close()
         # Load the embedding model now, off the event loop, not during the first cycle.
         self.embedder.encode(["BAT OS awakens"])
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """Who runs a cycle: recorded so other kernels on the image know it is alive."""
+        return {"boot_id": self.boot_id, "pid": os.getpid(), "host": socket.gethostname()}
+
+    def _kernel_alive(self, owner: dict[str, Any]) -> bool:
+        if owner.get("boot_id") == self.boot_id:
+            return True
+        if owner.get("host") != socket.gethostname():
+            return True  # another machine's kernel: it marks its own cycles
+        pid = owner.get("pid")
+        if not isinstance(pid, int) or pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
     def _ingest_codex(self, root: Any) -> None:
         entries, problems = read_golden_dataset(self.settings.codex)

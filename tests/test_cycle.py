@@ -103,6 +103,7 @@ def test_brief_grows_a_method_and_returns_its_result(tmp_path):
             assert [c["persona"] for c in data["llm_calls"]] == ["BABS", "BRICK"]
             assert all(c["replayed"] for c in data["llm_calls"])
             assert data["attempts"][0]["trial"]["ok"] is True
+            assert harness.read(lambda root: len(root["active_cycles"])) == 0
             method = harness.read(lambda root: root["genesis_obj"].method_history(
                 "report_the_current_system_time")[-1])
             assert method.cycle_id == reply.cycle_id and method.author == "BRICK"
@@ -190,6 +191,7 @@ def test_bad_methods_fail_with_their_reason_and_install_nothing(tmp_path, case):
             record = harness.record(reply.cycle_id)
             assert record["status"] == "FAILED" and record["attempts"][0]["ok"] is False
             assert record["attempts"][0]["code"] is not None
+            assert harness.read(lambda root: len(root["active_cycles"])) == 0
         finally:
             await harness.stop()
 
@@ -352,3 +354,40 @@ def test_identical_messages_join_one_cycle_and_different_targets_run_together(tm
             await harness.stop()
 
     run(scenario())
+
+
+def test_only_cycles_of_dead_kernels_are_marked_interrupted(tmp_path):
+    import os
+    import socket
+
+    from batos_uvm.awakening import incarnate
+    from batos_uvm.cycle import CycleRecord, mark_interrupted
+
+    conn_db = __import__("ZODB").DB(None)
+    conn = conn_db.open()
+    root = conn.root()
+    incarnate(root)
+    host = socket.gethostname()
+    owners = {
+        "alive-here": {"boot_id": "a", "pid": os.getpid() + 0, "host": host},
+        "dead-here": {"boot_id": "b", "pid": 2**22 + 17, "host": host},
+        "elsewhere": {"boot_id": "c", "pid": 1, "host": "another-machine"},
+    }
+    for cycle_id, owner in owners.items():
+        root["cycles"][cycle_id] = CycleRecord(cycle_id, {"selector": "x"})
+        root["active_cycles"][cycle_id] = owner
+
+    def alive(owner):
+        if owner["host"] != host:
+            return True
+        try:
+            os.kill(owner["pid"], 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    assert mark_interrupted(root, alive) == ["dead-here"]
+    assert root["cycles"]["dead-here"].status == "INTERRUPTED"
+    assert root["cycles"]["alive-here"].status == "ACTIVE"
+    assert sorted(root["active_cycles"]) == ["alive-here", "elsewhere"]
+    conn_db.close()
