@@ -410,16 +410,20 @@ class Kernel:
             tm.begin()
             try:
                 receiver = self._resolve(connection, target)
-                if receiver.lookup(selector) is None:
+                found = receiver.lookup(selector)
+                if found is None:
                     tm.abort()
                     return False, receiver._p_oid
-                # Installed methods run off the event loop so the bridge keeps breathing,
-                # and are stopped when they overrun.
-                result = await run_with_deadline(
-                    functools.partial(receiver.send, selector, *args, **kwargs),
-                    self.settings.method_timeout,
-                    name=f"{selector}()",
-                )
+                if not found.is_method and not callable(found.value):
+                    result = receiver.send(selector, *args, **kwargs)  # a slot read
+                else:
+                    # Methods run off the event loop so the bridge keeps breathing,
+                    # and are stopped when they overrun.
+                    result = await run_with_deadline(
+                        functools.partial(receiver.send, selector, *args, **kwargs),
+                        self.settings.method_timeout,
+                        name=f"{selector}()",
+                    )
                 if asyncio.iscoroutine(result):
                     result = await result
                 tm.commit()
