@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in model_commands.choices.values():  # `models list --db X` works too
         _kernel_options(command, sub=True)
     keys = sub.add_parser("keys", help="CURVE keys for the bridge")
-    from .bridge import add_keys_parser
+    from .keys import add_keys_parser
 
     add_keys_parser(keys.add_subparsers(dest="keys_command", required=True))
     return parser
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 image.close()
         if args.command == "keys":
-            from .bridge import run_keys_command
+            from .keys import run_keys_command
 
             return run_keys_command(args)
         from .kernel import Kernel

@@ -26,14 +26,12 @@ from ZODB.POSException import ConflictError
 
 from . import primitives
 from .audit import AuditTrail
-from .awakening import incarnate
-from .codex import read_golden_dataset
+from .awakening import awaken
 from .cognition import Cognition
 from .config import PERSONAS, Settings
 from .cycle import (
     CycleOutcome,
     Orchestrator,
-    mark_interrupted,
     register_state_primitives,
     run_candidate_trial,
 )
@@ -119,34 +117,8 @@ class Kernel:
         log.info("BAT OS kernel %s is live: image %s", self.boot_id[:8], self.image.description)
 
     def _awaken(self) -> None:
-        """First run: incarnate and ingest the codex. Later runs: resume, mark interrupted cycles."""
         assert self.image is not None
-        tm = transaction.TransactionManager(explicit=True)
-        connection = self.image.db.open(transaction_manager=tm)
-        try:
-            with tm:
-                root = connection.root()
-                created = incarnate(root)
-                if created:
-                    log.info("prototypal awakening: incarnated %s", ", ".join(created))
-                interrupted = mark_interrupted(root, self._kernel_alive)
-                if interrupted:
-                    log.warning(
-                        "marked %d interrupted cycle(s): %s",
-                        len(interrupted),
-                        ", ".join(interrupted),
-                    )
-                meta = root["image_meta"]
-                if not meta.get("codex_ingested"):
-                    self._ingest_codex(root)
-                    meta["codex_ingested"] = time.time()
-            for persona in PERSONAS:
-                with tm:
-                    self._persist_configured_model(connection.root(), persona)
-            with tm:
-                self._incarnate_adapters(connection.root())
-        finally:
-            connection.close()
+        awaken(self.image.db, self.settings, self.embedder, self._kernel_alive)
         # Load the embedding model now, off the event loop, not during the first cycle.
         self.embedder.encode(["BAT OS awakens"])
 
@@ -170,57 +142,6 @@ class Kernel:
         except PermissionError:
             return True
         return True
-
-    def _ingest_codex(self, root: Any) -> None:
-        entries, problems = read_golden_dataset(self.settings.codex)
-        if problems:
-            log.warning("%s", problems)
-        store = root["knowledge_catalog_obj"].store
-        for entry in entries:
-            store.add_document(
-                f"golden_dataset_{entry.line}",
-                entry.text,
-                {"source": "golden_dataset", "line": entry.line},
-                self.embedder,
-            )
-        log.info("ingested %d golden dataset entries from %s", len(entries), self.settings.codex)
-
-    def _persist_configured_model(self, root: Any, persona: str) -> None:
-        """Store a transformers persona's configured model when it is available locally."""
-        config = self.settings.persona_backend(persona)
-        if isinstance(config, str):
-            config = {"backend": config.partition(":")[0]}
-        if config.get("backend") != "transformers":
-            return
-        from .weights import WeightError, library_from_root, store_model
-
-        library = library_from_root(root, create=True)
-        if persona in library.models:
-            return
-        source = config.get("model") or config.get("source")
-        how = f"add one with: python batos.py models add {persona} SOURCE (a local folder " \
-              "or a model id in the local Hugging Face cache)"
-        if not source:
-            log.warning("%s thinks with transformers but no model is stored; %s", persona, how)
-            return
-        try:
-            record = store_model(library, persona, source)
-        except (WeightError, OSError) as exc:
-            log.warning("%s: model %s is not available locally (%s); %s", persona, source, exc, how)
-            return
-        log.info("%s: stored model %s in the image (%d bytes)", persona, source,
-                 record.total_size)
-
-    def _incarnate_adapters(self, root: Any) -> None:
-        try:
-            from .weights import incarnate_adapters
-        except ImportError:  # weights need torch-free imports only; be tolerant anyway
-            return
-        if os.path.isdir(self.settings.lora_dir):
-            try:
-                incarnate_adapters(root["pLLM_obj"].weights, self.settings.lora_dir)
-            except Exception as exc:  # an unusable adapter must not stop the kernel
-                log.warning("LoRA adapters in %s not incarnated: %s", self.settings.lora_dir, exc)
 
     def _register_primitives(self) -> None:
         register_state_primitives()

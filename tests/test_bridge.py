@@ -14,15 +14,9 @@ import pytest
 import zmq
 from fake_kernel_bridge import FakeKernel, running_bridge
 
-from batos_uvm.bridge import (
-    Bridge,
-    BridgeError,
-    CurveServerConfig,
-    InsecureBindError,
-    add_keys_parser,
-    run_keys_command,
-)
+from batos_uvm.bridge import Bridge, BridgeError, CurveServerConfig, InsecureBindError
 from batos_uvm.client import AuthenticationFailed, BridgeClient, CurveClientConfig
+from batos_uvm.keys import add_keys_parser, run_keys_command
 from batos_uvm.protocol import Heartbeat, ProgressEvent, Reply, decode_kernel_message
 
 
