@@ -42,13 +42,19 @@ async def run_with_deadline(
         if not future.done():
             setter(value)
 
+    def deliver(setter: Callable[[Any], None], value: Any) -> None:
+        try:
+            loop.call_soon_threadsafe(settle, setter, value)
+        except RuntimeError:
+            pass  # an abandoned method outlived the kernel's event loop
+
     def body() -> None:
         try:
             value = function()
         except BaseException as exc:  # delivered to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, future.set_exception, exc)
+            deliver(future.set_exception, exc)
         else:
-            loop.call_soon_threadsafe(settle, future.set_result, value)
+            deliver(future.set_result, value)
 
     thread = threading.Thread(target=body, name=f"batos-{name}", daemon=True)
     thread.start()
