@@ -5,12 +5,17 @@ sandboxed), off the event loop. A method that overruns its time gets a
 ``MethodTimeout`` raised inside its thread; pure-Python loops stop at the
 next bytecode. A method stuck in C code cannot be interrupted: it is
 abandoned, and the caller must not reuse what the thread still holds.
+
+Threads are reused while they behave: starting one per call would cost more
+than most methods take. A thread that was ever asked to stop is never reused,
+so a late stop request cannot hit another method.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
+import queue
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -24,17 +29,55 @@ class MethodAbandoned(MethodTimeout):
     """The method ignored the stop request; its thread still runs."""
 
 
-def _raise_in_thread(thread_id: int, exception: type[BaseException]) -> bool:
-    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(
-        ctypes.c_ulong(thread_id), ctypes.py_object(exception)
-    )
-    return hit == 1
+class _Runner:
+    """One reusable daemon thread running one job at a time."""
+
+    def __init__(self) -> None:
+        self.jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._serve, name="batos-method", daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                job()
+            except MethodTimeout:
+                pass  # a stop request that arrived after the job ended
+
+    def interrupt(self) -> None:
+        if self.thread.ident is not None:
+            ctypes.pythonapi.PyThreadState_SetAsyncExc(
+                ctypes.c_ulong(self.thread.ident), ctypes.py_object(MethodTimeout)
+            )
+
+
+_idle: list[_Runner] = []
+_idle_lock = threading.Lock()
+_MAX_IDLE = 16
+
+
+def _take_runner() -> _Runner:
+    with _idle_lock:
+        if _idle:
+            return _idle.pop()
+    return _Runner()
+
+
+def _give_back(runner: _Runner) -> None:
+    with _idle_lock:
+        if len(_idle) < _MAX_IDLE:
+            _idle.append(runner)
+            return
+    runner.jobs.put(None)
 
 
 async def run_with_deadline(
     function: Callable[[], Any], timeout: float, *, grace: float = 2.0, name: str = "method"
 ) -> Any:
-    """Run ``function`` in its own thread; stop it after ``timeout`` seconds."""
+    """Run ``function`` in a worker thread; stop it after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
 
@@ -56,18 +99,25 @@ async def run_with_deadline(
         else:
             deliver(future.set_result, value)
 
-    thread = threading.Thread(target=body, name=f"batos-{name}", daemon=True)
-    thread.start()
+    runner = _take_runner()
+    runner.jobs.put(body)
     try:
-        return await asyncio.wait_for(asyncio.shield(future), timeout)
+        result = await asyncio.wait_for(asyncio.shield(future), timeout)
     except TimeoutError:
         pass
-    if thread.ident is not None:
-        _raise_in_thread(thread.ident, MethodTimeout)
+    except asyncio.CancelledError:
+        runner.jobs.put(None)  # the method may still run: retire its thread after it
+        raise
+    except BaseException:
+        _give_back(runner)  # the method itself raised: the thread is fine
+        raise
+    else:
+        _give_back(runner)
+        return result
+    runner.interrupt()  # never reused after this: the request may land late
+    runner.jobs.put(None)
     try:
         await asyncio.wait_for(asyncio.shield(future), grace)
-    except MethodTimeout:
-        raise MethodTimeout(f"{name} ran longer than {timeout:g} s and was stopped") from None
     except TimeoutError:
         raise MethodAbandoned(
             f"{name} ran longer than {timeout:g} s and did not stop; its thread was abandoned"
