@@ -397,7 +397,6 @@ class Orchestrator:
             author=candidate.get("persona", SYNTHESIZER),
             cycle_id=log.cycle_id,
             note=f"grown for mission brief {log.brief.get('type', 'unhandled_message')}",
-            audit=True,
         )
         log.installed_version = record.version
         ctx.services.index_skill(connection, log, candidate["code"])

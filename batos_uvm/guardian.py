@@ -88,7 +88,11 @@ FORBIDDEN_ATTRIBUTES: frozenset[str] = frozenset(
     "gi_frame gi_code gi_yieldfrom cr_frame cr_code cr_await ag_frame ag_code ag_await f_back "
     "f_globals f_locals f_builtins f_code f_trace tb_frame tb_next co_code co_consts mro "
     "attrgetter methodcaller Formatter singledispatch singledispatchmethod getnode uuid1 "
-    "getcontext setcontext DefaultContext".split()
+    "getcontext setcontext DefaultContext "
+    # copy arbitrary (also private) attributes from one object onto another
+    "update_wrapper wraps partialmethod RLock "
+    # the image's own operations: only the kernel installs and reverts methods
+    "install_method install_primitive revert_method remove_method".split()
 )
 
 
@@ -270,12 +274,23 @@ def _check_nodes(tree: ast.Module, method: ast.FunctionDef | None, aliases: Alia
         elif isinstance(node, ast.MatchClass):
             for name in node.kwd_attrs:
                 _check_attribute(name, node, add)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            _check_name(node.name, node, add)
-            if node is not method and isinstance(node, ast.ClassDef) and node not in tree.body:
-                add("nested-class", node, f"class {node.name!r}: classes are not allowed")
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            for default in [*node.args.defaults, *node.args.kw_defaults]:
+                if default is not None and not _is_immutable_default(default):
+                    add(
+                        "mutable-default",
+                        default,
+                        "a default value is shared by every call and every object; "
+                        "use None and create the value inside the method",
+                    )
+            if not isinstance(node, ast.Lambda):
+                _check_name(node.name, node, add)
             if isinstance(node, ast.AsyncFunctionDef) and node not in tree.body:
                 add("async-code", node, "async functions are not allowed")
+        elif isinstance(node, ast.ClassDef):
+            _check_name(node.name, node, add)
+            if node not in tree.body:
+                add("nested-class", node, f"class {node.name!r}: classes are not allowed")
         elif isinstance(node, (ast.Await, ast.AsyncFor, ast.AsyncWith)):
             add("async-code", node, "async code is not allowed")
         elif isinstance(node, (ast.Global, ast.Nonlocal)):
@@ -300,6 +315,16 @@ def _check_nodes(tree: ast.Module, method: ast.FunctionDef | None, aliases: Alia
                         target,
                         f"{show(target)}: only attributes of self may be assigned or deleted",
                     )
+
+
+def _is_immutable_default(node: ast.expr) -> bool:
+    if isinstance(node, ast.Constant):
+        return True
+    if isinstance(node, ast.Tuple):
+        return all(_is_immutable_default(item) for item in node.elts)
+    if isinstance(node, ast.UnaryOp):
+        return _is_immutable_default(node.operand)
+    return isinstance(node, ast.Name) and node.id in {"None", "True", "False"}
 
 
 def _check_name(name: str, node: ast.AST, add) -> None:

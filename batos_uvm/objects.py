@@ -118,7 +118,9 @@ def describe_briefly(obj: Any) -> str:
 # --- the delegation cache ---------------------------------------------------
 # Objects holding cached entries, and ancestors whose values were cached.
 _caching: weakref.WeakSet[UvmObject] = weakref.WeakSet()
-_serving: weakref.WeakSet[UvmObject] = weakref.WeakSet()
+# Held strongly: a prototype that served a cached value must stay the object its
+# oid maps to, so that its writes and invalidations still reach the caches.
+_serving: set[UvmObject] = set()
 _cache_lock = threading.Lock()
 _generation = 0
 
@@ -130,8 +132,12 @@ def purge_delegation_caches() -> None:
         _generation += 1
         for obj in list(_caching):
             state = object.__getattribute__(obj, "__dict__")
-            for name in state.pop("_v_cached", ()):
+            cached = state.get("_v_cached", set())
+            # Drop each value before its marker: if this is interrupted, a value
+            # is never left looking like one of the object's own slots.
+            for name in list(cached):
                 state.pop(name, None)
+                cached.discard(name)
         _caching.clear()
         _serving.clear()
 
@@ -153,8 +159,11 @@ def compile_record(record: MethodRecord) -> types.FunctionType:
     key = (record.selector, record.source or "")
     function = _compiled.get(key)
     if function is None:
+        from .guardian import audit
         from .restricted import compile_method
 
+        # Audited again here, whoever stored the record (another kernel, an old image).
+        audit(record.source or "", record.selector)
         function = compile_method(
             record.source or "", record.selector, filename=f"<{record.selector} v{record.version}>"
         )
@@ -170,8 +179,11 @@ class BoundPrimitive:
     __slots__ = ("receiver", "name")
 
     def __init__(self, receiver: Any, name: str) -> None:
-        self.receiver = receiver
-        self.name = name
+        object.__setattr__(self, "receiver", receiver)
+        object.__setattr__(self, "name", name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a bound primitive cannot be changed")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return primitives.resolve(self.name)(self.receiver, *args, **kwargs)
@@ -238,27 +250,37 @@ class UvmObject(Persistent):
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
+        if name in RESERVED_SELECTORS:
+            raise AttributeError(
+                f"{name!r} is an operation of every UvmObject and cannot be a slot"
+            )
+        tracked = not name.startswith(("_v_", "_p_")) or name == "_p_changed"
+        if tracked:
+            self._unmark_cached(name)  # the local slot will shadow the cached value
         Persistent.__setattr__(self, name, value)
-        if not name.startswith(("_v_", "_p_")) or name == "_p_changed":
-            self._after_write(name)
+        if tracked and self in _serving:
+            purge_delegation_caches()
 
     def __delattr__(self, name: str) -> None:
+        self._unmark_cached(name)
         Persistent.__delattr__(self, name)
-        self._after_write(name)
-
-    def _after_write(self, name: str) -> None:
-        state = object.__getattribute__(self, "__dict__")
-        cached = state.get("_v_cached")
-        if cached is not None:
-            cached.discard(name)  # a local slot now shadows the cached value
         if self in _serving:
             purge_delegation_caches()
 
+    def _unmark_cached(self, name: str) -> None:
+        state = object.__getattribute__(self, "__dict__")
+        cached = state.get("_v_cached")
+        if cached and name in cached:
+            with _cache_lock:
+                cached.discard(name)
+                state.pop(name, None)
+
     def __getstate__(self) -> Any:
-        state = Persistent.__getstate__(self)
-        cached = object.__getattribute__(self, "__dict__").get("_v_cached")
-        if cached:
-            state = {key: value for key, value in state.items() if key not in cached}
+        with _cache_lock:  # a purge in another thread must not change what is saved
+            state = Persistent.__getstate__(self)
+            cached = object.__getattribute__(self, "__dict__").get("_v_cached")
+            if cached:
+                state = {key: value for key, value in state.items() if key not in cached}
         return state
 
     def _p_invalidate(self) -> None:
@@ -315,14 +337,14 @@ class UvmObject(Persistent):
 
     def lookup(self, selector: str) -> Found | None:
         """Where ``selector`` is answered: owner, value or method record."""
-        return self._find(selector)
+        return self._find(_public(selector, self))
 
     def responds_to(self, selector: str) -> bool:
-        return self._find(selector) is not None
+        return self._find(_public(selector, self)) is not None
 
     def send(self, selector: str, *args: Any, **kwargs: Any) -> Any:
         """Send a message; an unknown selector goes to ``doesNotUnderstand``."""
-        found = self._find(selector)
+        found = self._find(_public(selector, self))
         if found is not None:
             target = bind(found.value, self) if found.is_method else found.value
             if not callable(target):
@@ -380,15 +402,15 @@ class UvmObject(Persistent):
         author: str = "architect",
         cycle_id: str | None = None,
         note: str = "",
-        audit: bool = True,
     ) -> MethodRecord:
-        """Store a new version of a method; audited by the Guardian unless told not to."""
+        """Store a new version of a method, after the Guardian's audit."""
         check_selector(selector)
-        if audit:
-            from .guardian import audit as guardian_audit
-
-            guardian_audit(source, selector)
+        if selector in RESERVED_SELECTORS:
+            raise ValueError(f"{selector!r} is an operation of every UvmObject")
+        from .guardian import audit
         from .restricted import compile_method
+
+        audit(source, selector)
 
         compile_method(source, selector)  # fail now, not at first call
         return self._add_version(
@@ -471,6 +493,13 @@ class UvmObject(Persistent):
         return f"<{describe_briefly(self)} slots={slots} methods={methods} parents={parents}>"
 
 
+def _public(selector: str, receiver: Any) -> str:
+    """Messages name public selectors only: internals are not reachable by a send."""
+    if not isinstance(selector, str) or selector.startswith("_"):
+        raise SelectorNotUnderstood(receiver, str(selector))
+    return selector
+
+
 def _version(history: list[MethodRecord], selector: str, version: int) -> MethodRecord:
     for record in history:
         if record.version == version:
@@ -529,6 +558,16 @@ class SlotsView(MutableMapping[str, Any]):
         return f"<slots of {describe_briefly(self._obj)}: {sorted(self)}>"
 
 
-# Behaviour every image needs, also without a kernel.
+# Operations of every UvmObject: never slots, never grown methods.
+RESERVED_SELECTORS = frozenset(name for name in dir(UvmObject) if not name.startswith("_"))
+
+
+def _not_understood(receiver: Any, selector: str, args: Any, kwargs: Any) -> Any:
+    raise SelectorNotUnderstood(receiver, selector)
+
+
+# Behaviour every image needs, also without a kernel. The kernel answers
+# unknown messages itself (it grows them); elsewhere they are errors.
 primitives.register("clone", lambda receiver, **slots: receiver.clone(**slots))
 primitives.register("describe", lambda receiver: receiver.describe())
+primitives.register("doesNotUnderstand", _not_understood)

@@ -26,6 +26,9 @@ def src(*lines: str) -> str:
 
 
 ACCEPTED = {
+    "immutable defaults": src(
+        "def describe(self, n=1, name='x', pair=(1, -2), flag=None):", "    return n, name, pair"
+    ),
     "getter": src("def describe(self):", "    return f'{self.name} has {len(self.items)} items'"),
     "mutation then flag": src(
         "def describe(self, x):",
@@ -189,6 +192,32 @@ ACCEPTED = {
 
 REJECTED = {
     # (source, rule, line)
+    "mutable default": (
+        src("def describe(self, seen=[]):", "    return seen"), "mutable-default", 1),
+    "mutable default in a lambda": (
+        src("def describe(self):", "    f = lambda x, acc={}: acc", "    return f(1)"),
+        "mutable-default",
+        2,
+    ),
+    "installing a method from a method": (
+        src("def describe(self):", "    return self.install_method('x', 'def x(self): 1')"),
+        "forbidden-attribute",
+        2,
+    ),
+    "installing a primitive from a method": (
+        src("def describe(self):", "    return self.install_primitive('x', 'orchestrator.start')"),
+        "forbidden-attribute",
+        2,
+    ),
+    "copying attributes with update_wrapper": (
+        src(
+            "import functools",
+            "def describe(self):",
+            "    return functools.update_wrapper(self, self.send, assigned=('x',), updated=())",
+        ),
+        "forbidden-attribute",
+        3,
+    ),
     "syntax error": (src("def describe(self):", "    return (", ""), "syntax-error", 2),
     "empty source": ("", "missing-method", 1),
     "only a docstring": (src('"""nothing here"""'), "missing-method", 1),

@@ -231,7 +231,7 @@ def test_method_change_on_a_prototype_reaches_cached_children(image):
 def test_methods_run_with_restricted_builtins_not_kernel_globals():
     obj = UvmObject()
     obj.install_method(
-        "peek", "def peek(self):\n    return sorted(k for k in ('b', 'a'))\n", audit=True
+        "peek", "def peek(self):\n    return sorted(k for k in ('b', 'a'))\n"
     )
     assert obj.peek() == ["a", "b"]
     function = obj.peek.__func__
@@ -315,3 +315,68 @@ def test_oid_round_trip():
     assert parse_oid("42") == parse_oid("0x2a")
     with pytest.raises(ValueError):
         parse_oid("0x" + "f" * 17)
+
+
+def test_cache_is_dropped_when_a_reloaded_prototype_changes(tmp_path):
+    import gc
+
+    from ZODB.MappingStorage import MappingStorage
+
+    db = ZODB.DB(MappingStorage())
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    proto = UvmObject(color="red")
+    middle = UvmObject(parents=[proto])
+    child = UvmObject(parents=[middle])
+    conn.root().update(child=child, middle=middle, proto=proto)
+    tm.commit()
+    del proto, middle
+    assert child.color == "red"
+    tm.commit()
+    for name in ("middle", "proto"):
+        conn.root()[name]._p_deactivate()  # what the cache's garbage collection does
+    conn.root()._p_deactivate()
+    gc.collect()
+    conn.root()["proto"].color = "blue"
+    tm.commit()
+    assert child.color == "blue"
+    db.close()
+
+
+def test_internals_are_not_reachable_by_a_message():
+    obj = UvmObject(balance=10)
+    obj.install_method("peek", "def peek(self):\n    return 1\n")
+    for selector in ("_methods", "_v_cached", "__dict__", "_p_jar"):
+        with pytest.raises(SelectorNotUnderstood):
+            obj.lookup(selector)
+        with pytest.raises(SelectorNotUnderstood):
+            obj.send(selector)
+    assert not obj.responds_to("peek_") and obj.responds_to("peek")
+
+
+def test_operations_cannot_be_overwritten_by_slots_or_methods():
+    obj = UvmObject()
+    for name in ("lookup", "send", "clone", "install_method", "methods"):
+        with pytest.raises(AttributeError, match="operation of every UvmObject"):
+            setattr(obj, name, "x")
+    with pytest.raises(ValueError, match="operation of every UvmObject"):
+        obj.install_method("send", "def send(self):\n    return 1\n")
+    with pytest.raises(AttributeError):
+        UvmObject(lookup=1)
+    assert obj.lookup("nothing") is None
+
+
+def test_bound_primitives_are_immutable():
+    obj = UvmObject()
+    obj.install_primitive("copy_of_me", "clone")
+    bound = obj.copy_of_me
+    with pytest.raises(AttributeError):
+        bound.name = "infer"
+    assert isinstance(bound(), UvmObject)
+
+
+def test_unknown_messages_without_a_kernel_are_errors():
+    traits = UvmObject()
+    traits.install_primitive("doesNotUnderstand", "doesNotUnderstand")
+    with pytest.raises(SelectorNotUnderstood, match="grow_me"):
+        UvmObject(parents=[traits]).send("grow_me")
