@@ -321,6 +321,7 @@ class Orchestrator:
                 await _in_transaction(tm, lambda: self._install(connection, ctx))
             except Exception as exc:
                 state_name = "FAILED"
+                log.installed_version = None  # rolled back with the transaction
                 log.reason = f"install failed: {type(exc).__name__}: {exc}"
         log.outcome = state_name
         log.duration_s = round(time.time() - log.started, 4)

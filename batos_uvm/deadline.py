@@ -21,12 +21,23 @@ from collections.abc import Callable
 from typing import Any
 
 
-class MethodTimeout(Exception):
-    """The method ran past its time limit and was stopped."""
+class MethodTimeout(BaseException):
+    """The method ran past its time limit and was stopped.
+
+    A BaseException, so that a method's own ``except Exception`` cannot swallow it.
+    """
 
 
 class MethodAbandoned(MethodTimeout):
-    """The method ignored the stop request; its thread still runs."""
+    """The method ignored the stop request; its thread still runs.
+
+    ``finished`` completes when the thread finally ends, so that what it holds
+    can be released then.
+    """
+
+    def __init__(self, message: str, finished: asyncio.Future[Any]) -> None:
+        super().__init__(message)
+        self.finished = finished
 
 
 class _Runner:
@@ -93,11 +104,15 @@ async def run_with_deadline(
 
     def body() -> None:
         try:
-            value = function()
+            outcome = (future.set_result, function())
         except BaseException as exc:  # delivered to the awaiting coroutine
-            deliver(future.set_exception, exc)
-        else:
-            deliver(future.set_result, value)
+            outcome = (future.set_exception, exc)
+        while True:
+            try:
+                deliver(*outcome)
+                return
+            except MethodTimeout:
+                continue  # a stop request that arrived just after the method ended
 
     runner = _take_runner()
     runner.jobs.put(body)
@@ -120,7 +135,8 @@ async def run_with_deadline(
         await asyncio.wait_for(asyncio.shield(future), grace)
     except TimeoutError:
         raise MethodAbandoned(
-            f"{name} ran longer than {timeout:g} s and did not stop; its thread was abandoned"
+            f"{name} ran longer than {timeout:g} s and did not stop; its thread was abandoned",
+            future,
         ) from None
     except BaseException:
         raise MethodTimeout(f"{name} ran longer than {timeout:g} s and was stopped") from None

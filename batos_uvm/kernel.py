@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import ormsgpack
 import transaction
 from ZODB.POSException import ConflictError
 
@@ -35,10 +36,11 @@ from .cycle import (
     register_state_primitives,
     run_candidate_trial,
 )
-from .deadline import MethodAbandoned, run_with_deadline
+from .deadline import MethodAbandoned, MethodTimeout, run_with_deadline
 from .image import OpenImage, open_image
 from .objects import SelectorNotUnderstood, UvmObject, check_selector
 from .protocol import (
+    MAX_REPR_CHARS,
     CycleRequest,
     CyclesRequest,
     InspectRequest,
@@ -195,8 +197,11 @@ class Kernel:
                 except BaseException as exc:
                     if isinstance(exc, MethodAbandoned):
                         # A runaway thread still holds this connection: leave it to
-                        # that thread and work on a fresh one.
+                        # that thread, close it when the thread ends, work on a fresh one.
                         log.warning("worker %d: %s; continuing on a new connection", number, exc)
+                        exc.finished.add_done_callback(
+                            functools.partial(_close_abandoned, connection, tm)
+                        )
                         tm = transaction.TransactionManager(explicit=True)
                         connection = self.image.db.open(transaction_manager=tm)
                     else:
@@ -309,6 +314,13 @@ class Kernel:
                     return _cycle_failed(outcome)
         except TargetError:
             raise
+        except MethodTimeout as exc:
+            return Reply.failed(
+                "method_timeout",
+                str(exc),
+                cycle_id=outcome.cycle_id if outcome else None,
+                replayed=outcome.replayed if outcome else False,
+            )
         except Exception as exc:
             return Reply.failed(
                 "method_raised",
@@ -346,9 +358,13 @@ class Kernel:
                         name=f"{selector}()",
                     )
                 if asyncio.iscoroutine(result):
-                    result = await result
+                    result.close()  # never run kernel coroutines on behalf of a method
+                    raise TypeError(f"{selector} returned a coroutine, not a value")
+                # Made plain while the transaction is open: the reply is packed
+                # later, when this connection may already serve the next job.
+                wire = _to_wire(result)
                 tm.commit()
-                return True, result
+                return True, wire
             except ConflictError:
                 tm.abort()
                 if attempt == SEND_RETRIES:
@@ -481,6 +497,14 @@ class Kernel:
         return self.cycle_for(target_oid, brief, progress)
 
 
+def _close_abandoned(connection: Any, tm: transaction.TransactionManager, _: Any) -> None:
+    _abort_quietly(tm)
+    try:
+        connection.close()
+    except Exception:  # the database may already be closed at shutdown
+        log.debug("closing an abandoned connection failed", exc_info=True)
+
+
 def _abort_quietly(tm: transaction.TransactionManager) -> None:
     try:
         tm.abort()
@@ -506,10 +530,28 @@ def _cycle_failed(outcome: CycleOutcome) -> Reply:
     )
 
 
-def _completed(value: Any, outcome: CycleOutcome | None) -> Reply:
-    if outcome is None:
-        return Reply.complete(value)
-    return Reply.complete(value, cycle_id=outcome.cycle_id, replayed=outcome.replayed)
+def _to_wire(value: Any) -> tuple[Any, str | None]:
+    """(value, None) when it travels as msgpack, else (None, a readable repr)."""
+    try:
+        ormsgpack.packb(value)
+    except (TypeError, ValueError, OverflowError):
+        try:
+            text = repr(value)
+        except Exception as exc:  # a broken __repr__ must not lose the reply
+            text = f"<unrepresentable {type(value).__name__}: {exc}>"
+        return None, text[:MAX_REPR_CHARS]
+    return value, None
+
+
+def _completed(wire: tuple[Any, str | None], outcome: CycleOutcome | None) -> Reply:
+    value, text = wire
+    return Reply(
+        status="COMPLETE",
+        result=value,
+        result_repr=text,
+        cycle_id=outcome.cycle_id if outcome else None,
+        replayed=outcome.replayed if outcome else False,
+    )
 
 
 def recent_cycles(root: Any, limit: int) -> list[dict[str, Any]]:
