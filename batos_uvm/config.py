@@ -26,7 +26,7 @@ class Settings:
     db: str = "live_image.fs"  # FileStorage path, zeo://HOST:PORT or zconfig://FILE
     blob_dir: str = ""  # default: the image path + ".blob"
     endpoint: str = "tcp://127.0.0.1:5555"
-    zeo: str = "127.0.0.1:0"  # serve the image over ZEO here ("off" to disable)
+    zeo: str = "unix"  # serve the image over ZEO: "unix" (a private socket), HOST:PORT, "off"
     backend: str = ""  # default cognition for every persona, e.g. "replay:demo.jsonl"
     workers: int = 2
     max_attempts: int = 3

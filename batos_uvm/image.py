@@ -2,17 +2,23 @@
 
 The kernel owns the image file. It checks the file before writing to it (a
 damaged file is refused, never rewritten), holds the FileStorage lock (a second
-kernel gets "image is in use by PID ..."), and serves the storage over ZEO on
-loopback so the shell, or a second kernel, can share the live image. An address
-file beside the image tells them where.
+kernel gets "image is in use by PID ..."), and serves the storage over ZEO so the
+shell, or a second kernel, can share the live image. By default that is a unix
+socket in a directory only the kernel's user can enter (ZEO itself
+authenticates nobody); TCP on loopback is available for kernels that must share
+an image across users. An address file beside the image tells them where.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import logging
 import os
+import stat
 import struct
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +30,8 @@ from ZODB.POSException import StorageError
 from .config import Settings
 
 log = logging.getLogger("batos.image")
+
+Address = tuple[str, int] | str  # (host, port) over TCP, or a unix socket path
 
 _TRANSACTION_HEADER = ">8sQcHHH"  # tid, length, status, user, description, extension lengths
 _TRANSACTION_HEADER_SIZE = struct.calcsize(_TRANSACTION_HEADER)
@@ -50,6 +58,21 @@ def lock_holder(db_path: Path) -> str | None:
     return text.split()[0] if text else None
 
 
+def lock_is_held(db_path: Path) -> bool:
+    """Whether some process holds the FileStorage lock (probed, never rewritten)."""
+    try:
+        handle = open(db_path.with_name(db_path.name + ".lock"), "rb")  # noqa: SIM115
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 def _pid_alive(pid: str | None) -> bool:
     if not pid or not pid.isdigit():
         return False
@@ -72,6 +95,9 @@ def check_image_file(db_path: Path) -> None:
     """
     if not db_path.exists() or db_path.stat().st_size == 0:
         return
+    if lock_is_held(db_path):
+        # A live kernel is writing it: what looks like a torn tail is its commit.
+        raise ImageInUse(_in_use_message(db_path, lock_holder(db_path)))
     try:
         storage = ZODB.FileStorage.FileStorage(str(db_path), read_only=True)
     except (StorageError, OSError, ValueError, struct.error, KeyError) as exc:
@@ -90,9 +116,19 @@ def check_image_file(db_path: Path) -> None:
     with open(db_path, "rb") as handle:
         handle.seek(good_end)
         header = handle.read(_TRANSACTION_HEADER_SIZE)
+        handle.seek(good_end)
+        tail = handle.read(1024 * 1024) if size - good_end <= 1024 * 1024 else b"x"
+    if tail and not tail.strip(b"\0"):
+        log.warning("discarding a zero-filled tail left by a crash in %s", db_path)
+        # FileStorage cuts it off (keeping it as .tr0), but the storage doing so
+        # remembers the zero header's time stamp; later opens start clean.
+        ZODB.FileStorage.FileStorage(str(db_path)).close()
+        return
     if len(header) == _TRANSACTION_HEADER_SIZE:
-        status = struct.unpack(_TRANSACTION_HEADER, header)[2]
-        if status == b"c":
+        _, length, status = struct.unpack(_TRANSACTION_HEADER, header)[:3]
+        # Only the last transaction can be an unfinished commit: anything after
+        # it would be committed data that truncation would destroy.
+        if status == b"c" and good_end + length + 8 >= size:
             log.warning("discarding an uncommitted transaction left by a crash in %s", db_path)
             return
     raise ImageDamaged(
@@ -109,7 +145,7 @@ class OpenImage:
 
     db: ZODB.DB
     description: str
-    zeo_address: tuple[str, int] | None = None
+    zeo_address: Address | None = None
     address_file: Path | None = None
     _server: Any = None
     _storage: Any = None
@@ -136,7 +172,7 @@ def address_file_for(db_path: Path) -> Path:
     return db_path.with_name(db_path.name + ".zeo.json")
 
 
-def running_kernel_address(db_path: Path) -> tuple[str, int] | None:
+def running_kernel_address(db_path: Path) -> Address | None:
     """The ZEO address of a live kernel serving this image, if one is."""
     path = address_file_for(db_path)
     try:
@@ -145,7 +181,27 @@ def running_kernel_address(db_path: Path) -> tuple[str, int] | None:
         return None
     if not _pid_alive(str(data.get("pid"))):
         return None
+    if "socket" in data:
+        return str(data["socket"])
     return (data["host"], int(data["port"]))
+
+
+def format_address(address: Address) -> str:
+    return f"unix socket {address}" if isinstance(address, str) else f"{address[0]}:{address[1]}"
+
+
+def private_socket_path(db_path: Path) -> Path:
+    """A short socket path in a directory only this user can enter."""
+    directory = Path(tempfile.gettempdir()) / f"batos-{os.getuid()}"
+    directory.mkdir(mode=0o700, exist_ok=True)
+    info = directory.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+        raise ImageError(
+            f"{directory} must be a directory owned by this user with mode 0700; "
+            "remove it or fix its permissions"
+        )
+    digest = hashlib.sha256(str(db_path).encode()).hexdigest()[:16]
+    return directory / f"{digest}.sock"
 
 
 def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
@@ -159,13 +215,16 @@ def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
         )
     except Exception as exc:
         if type(exc).__name__ == "LockError":
-            pid = lock_holder(db_path)
-            who = f"PID {pid}" if pid else "another process"
-            raise ImageInUse(
-                f"image {db_path} is in use by {who}. Stop that kernel first, or open "
-                "the live image through it with `python batos.py shell`."
-            ) from None
+            raise ImageInUse(_in_use_message(db_path, lock_holder(db_path))) from None
         raise
+
+
+def _in_use_message(db_path: Path, pid: str | None) -> str:
+    who = f"PID {pid}" if pid else "another process"
+    return (
+        f"image {db_path} is in use by {who}. Stop that kernel first, or open "
+        "the live image through it with `python batos.py shell`."
+    )
 
 
 def _parse_host_port(text: str) -> tuple[str, int]:
@@ -195,37 +254,45 @@ def _serve_over_zeo(settings: Settings, storage: Any, cache_size: int) -> OpenIm
     import ZEO
     from ZEO.StorageServer import StorageServer
 
-    host, port = _parse_host_port(settings.zeo)
-    if host not in {"127.0.0.1", "localhost", "::1"}:
-        storage.close()
-        raise ImageError(f"the ZEO server binds loopback only (got {host})")
     try:
-        server = StorageServer((host, port), {"1": storage})
+        if settings.zeo.lower() == "unix":
+            socket_path = private_socket_path(settings.db_path)
+            socket_path.unlink(missing_ok=True)  # we hold the image lock: it is stale
+            bind: Address = str(socket_path)
+        else:
+            host, port = _parse_host_port(settings.zeo)
+            if host not in {"127.0.0.1", "localhost", "::1"}:
+                raise ImageError(f"the ZEO server binds loopback only (got {host})")
+            bind = (host, port)
+        server = StorageServer(bind, {"1": storage})
     except Exception:
         storage.close()
         raise
     server.start_thread()
-    address = server.acceptor.addr[:2]
+    address: Address = bind if isinstance(bind, str) else tuple(server.acceptor.addr[:2])
     client = ZEO.client(
         address, blob_dir=str(settings.blob_path), shared_blob_dir=True, wait_timeout=30
     )
     db = ZODB.DB(client, cache_size=cache_size)
     address_file = address_file_for(settings.db_path)
+    where = (
+        {"socket": address}
+        if isinstance(address, str)
+        else {"host": address[0], "port": address[1]}
+    )
     tmp = address_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"host": address[0], "port": address[1], "pid": os.getpid()}))
+    tmp.write_text(json.dumps({**where, "pid": os.getpid()}))
     os.replace(tmp, address_file)
     return OpenImage(
         db=db,
-        description=f"file {settings.db_path} served over ZEO at {address[0]}:{address[1]}",
+        description=f"file {settings.db_path} served over ZEO at {format_address(address)}",
         zeo_address=address,
         address_file=address_file,
         _server=server,
     )
 
 
-def open_zeo_client(
-    address: tuple[str, int], settings: Settings, *, read_only: bool = False
-) -> ZODB.DB:
+def open_zeo_client(address: Address, settings: Settings, *, read_only: bool = False) -> ZODB.DB:
     """Connect to a kernel's storage server (shell, second kernel)."""
     import ZEO
 

@@ -22,7 +22,6 @@ import ast
 import builtins
 import code as code_module
 import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -95,34 +94,20 @@ def _when(stamp: float | None) -> str:
 # --- opening the image --------------------------------------------------------------
 
 
-def _check_listening(address: tuple[str, int], who: str) -> None:
+def _check_listening(address: img.Address, who: str) -> None:
     """Fail fast instead of ZEO's long wait when nothing listens at ``address``."""
     try:
-        with socket.create_connection(address, timeout=CONNECT_TIMEOUT):
-            pass
+        if isinstance(address, str):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                probe.settimeout(CONNECT_TIMEOUT)
+                probe.connect(address)
+        else:
+            with socket.create_connection(address, timeout=CONNECT_TIMEOUT):
+                pass
     except OSError as exc:
-        raise ShellError(f"{who}, but nothing answers at {address[0]}:{address[1]} "
+        raise ShellError(f"{who}, but nothing answers at {img.format_address(address)} "
                          f"({exc.strerror or exc}). Is it still starting or stopping? "
                          "Try again in a moment.") from None
-
-
-def _lock_is_held(db_path: Path) -> bool:
-    """Whether some process holds the FileStorage lock (probed, never rewritten).
-
-    A read-only FileStorage takes no lock, so without this probe a read-only
-    shell would open a file another process is writing and show a stale snapshot.
-    """
-    try:
-        handle = open(db_path.with_name(db_path.name + ".lock"), "rb")  # noqa: SIM115
-    except OSError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return False
 
 
 def _in_use_message(db_path: Path) -> str:
@@ -152,7 +137,7 @@ def open_session(settings: Settings, *, write: bool = False) -> ShellSession:
     session = dict(read_only=read_only, settings=settings)
     if settings.db.startswith("zeo://"):
         address = _zeo_uri_address(settings.db)
-        _check_listening(address, f"--db names the ZEO server {address[0]}:{address[1]}")
+        _check_listening(address, f"--db names the ZEO server {img.format_address(address)}")
         import ZEO
 
         blob_dir = settings.blob_dir or tempfile.mkdtemp(prefix="batos-shell-blobs-")
@@ -161,7 +146,7 @@ def open_session(settings: Settings, *, write: bool = False) -> ShellSession:
         cleanup = None if settings.blob_dir else (
             lambda: shutil.rmtree(blob_dir, ignore_errors=True))
         return ShellSession(ZODB.DB(client, cache_size=20_000), live=True, cleanup=cleanup,
-                            description=f"ZEO server {address[0]}:{address[1]}", **session)
+                            description=f"ZEO server {img.format_address(address)}", **session)
     if not settings.is_file_storage:  # zconfig:// and other zodburi schemes
         image = img.open_image(settings)
         note = " (read-only is enforced by the shell)" if read_only else ""
@@ -174,7 +159,7 @@ def open_session(settings: Settings, *, write: bool = False) -> ShellSession:
             pid = json.loads(img.address_file_for(db_path).read_text()).get("pid")
         except (OSError, ValueError):
             pid = "?"
-        stale = db_path.exists() and not _lock_is_held(db_path)
+        stale = db_path.exists() and not img.lock_is_held(db_path)
         if stale:  # a killed kernel's address file, its PID since reused: nobody serves
             address = None
         else:
@@ -183,11 +168,11 @@ def open_session(settings: Settings, *, write: bool = False) -> ShellSession:
         return ShellSession(
             img.open_zeo_client(address, settings, read_only=read_only), live=True,
             description=f"the live image of the running kernel (PID {pid}): {db_path} via "
-            f"ZEO {address[0]}:{address[1]}", **session)
+            f"ZEO {img.format_address(address)}", **session)
     if not db_path.exists():
         raise ShellError(f"no image at {db_path}. Start the kernel once to create it "
                          f"(python batos.py --db {db_path}), or name another with --db.")
-    if _lock_is_held(db_path):
+    if img.lock_is_held(db_path):
         raise ShellError(_in_use_message(db_path))
     try:
         image = img.open_image(settings, serve_zeo=False, read_only=read_only)

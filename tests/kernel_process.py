@@ -202,7 +202,7 @@ class KernelProcess:
         """``batos.py shell --db DB [--write] -c CODE`` on this kernel's image."""
         return run_shell(db or self.db, code, write=write, cwd=self.workdir, timeout=timeout)
 
-    def zeo_address(self) -> tuple[str, int] | None:
+    def zeo_address(self) -> tuple[str, int] | str | None:
         """The ZEO server this kernel announced in ``<image>.zeo.json`` (None if none)."""
         if self.db_path is None:
             return None
@@ -212,6 +212,8 @@ class KernelProcess:
             return None
         if data.get("pid") != self.pid:
             return None
+        if "socket" in data:
+            return data["socket"]
         return data["host"], int(data["port"])
 
     def log_tail(self, lines: int = 40) -> str:

@@ -209,3 +209,53 @@ def test_settings_from_toml_and_environment(tmp_path):
     with pytest.raises(ValueError, match="workers"):
         load_settings(bad, environ={})
     assert json.dumps(settings.personas)
+
+
+def test_a_damaged_status_byte_before_committed_data_is_refused(tmp_path):
+    import struct
+
+    path = _committed_image(tmp_path)
+    data = bytearray(path.read_bytes())
+    # the first transaction starts after the 4-byte file header; its status byte
+    # follows the 8-byte tid and the 8-byte length
+    data[4 + 16] = ord("c")
+    path.write_bytes(bytes(data))
+    before = path.read_bytes()
+    with pytest.raises(ImageDamaged):
+        open_image(settings_for(tmp_path))
+    assert path.read_bytes() == before
+    assert struct.calcsize(">8sQcHHH") == 23
+
+
+def test_a_zero_filled_tail_is_discarded(tmp_path):
+    path = _committed_image(tmp_path)
+    with open(path, "ab") as handle:
+        handle.write(b"\0" * 4096)  # what a filesystem may leave after a power cut
+    image = open_image(settings_for(tmp_path))
+    try:
+        conn = image.db.open()
+        assert conn.root()["k2"].value == 2
+        conn.close()
+    finally:
+        image.close()
+
+
+def test_the_image_is_served_on_a_private_unix_socket(tmp_path):
+    import stat
+
+    settings = load_settings(None, {"db": str(tmp_path / "live_image.fs")}, environ={})
+    image = open_image(settings)
+    try:
+        address = json.loads((tmp_path / "live_image.fs.zeo.json").read_text())
+        socket_path = Path(address["socket"])
+        assert address["pid"] == os.getpid() and socket_path.exists()
+        mode = socket_path.parent.stat().st_mode
+        assert stat.S_IMODE(mode) == 0o700
+        assert "unix socket" in image.description
+        conn = image.db.open()
+        conn.root()["x"] = 1
+        transaction.commit()
+        conn.close()
+    finally:
+        image.close()
+    assert not (tmp_path / "live_image.fs.zeo.json").exists()
