@@ -131,6 +131,43 @@ def settings_from(args: argparse.Namespace) -> Any:
     return load_settings(getattr(args, "config", None), overrides)
 
 
+def _models(args: argparse.Namespace, settings: Any) -> int:
+    """Run a models command on the image, through the running kernel when there is one."""
+    from .image import open_image, open_zeo_client, running_kernel_address
+    from .models_cli import run_models_command
+
+    address = running_kernel_address(settings.db_path) if settings.is_file_storage else None
+    if address is not None:  # the kernel holds the file: go through its storage server
+        db = open_zeo_client(address, settings)
+        try:
+            status = run_models_command(args, db)
+        finally:
+            db.close()
+        if args.models_command == "list":
+            _print_loaded(settings.endpoint)
+        return status
+    image = open_image(settings, serve_zeo=False)
+    try:
+        return run_models_command(args, image.db)
+    finally:
+        image.close()
+
+
+def _print_loaded(endpoint: str) -> None:
+    """What the running kernel has in memory, as its ping reports it."""
+    from .client import BridgeClient, KernelUnreachable
+
+    try:
+        reply = BridgeClient(endpoint, timeout=3.0, dead_after=3.0, retries=1).ping()
+    except (KernelUnreachable, OSError) as exc:
+        print(f"loaded: unknown (no kernel answers at {endpoint}: {exc})")
+        return
+    cognition = (reply.result or {}).get("cognition", {}) if reply.ok else {}
+    print(f"in the running kernel at {endpoint}:")
+    for persona, description in sorted(cognition.items()):
+        print(f"  {persona:<8} {description}")
+
+
 def main(argv: list[str] | None = None) -> int:
     # Idle torch/OpenMP threads must not spin on the few cores the kernel shares
     # with numpy, the trial processes and the bridge.
@@ -153,14 +190,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_shell(settings, write=args.write, code=args.code)
         if args.command == "models":
-            from .image import open_image
-            from .models_cli import run_models_command
-
-            image = open_image(settings, serve_zeo=False)
-            try:
-                return run_models_command(args, image.db)
-            finally:
-                image.close()
+            return _models(args, settings)
         if args.command == "keys":
             from .keys import run_keys_command
 

@@ -79,3 +79,45 @@ def test_a_cycle_thinks_with_the_stored_model(tmp_path):
             await harness.stop()
 
     run(scenario())
+
+
+def test_models_added_while_the_kernel_runs_are_used_without_a_restart(tmp_path):
+    import json as _json
+
+    from kernel_process import KernelProcess, run_env
+
+    model = build_tiny_llama(tmp_path / "tiny", context=4096)
+    config = tmp_path / "batos.toml"
+    config.write_text('[kernel]\nbackend = "transformers"\nmax_attempts = 1\n')
+    kernel = KernelProcess(tmp_path / "k", extra_args=["--config", str(config),
+                                                       "--backend", "transformers"])
+    with kernel:
+        before = kernel.call("genesis_obj", "add_two_numbers", 1, 2)
+        assert before.returncode == 1 and "models add" in before.stdout + before.stderr
+
+        def models(*words):
+            import subprocess
+            import sys
+
+            from kernel_process import BATOS
+
+            return subprocess.run([sys.executable, str(BATOS), "--endpoint", kernel.endpoint,
+                                   "models", *words, "--db", kernel.db],
+                                  capture_output=True, text=True,
+                                  timeout=300, env=run_env())
+
+        added = models("add", "BRICK", str(model))
+        assert added.returncode == 0, added.stderr
+        shared = models("add", "BABS", "BRICK")
+        assert shared.returncode == 0, shared.stderr
+        listing = models("list")
+        assert "BRICK" in listing.stdout and "same model as" in listing.stdout
+        assert "in the running kernel" in listing.stdout
+        reply = _json.loads(kernel.chat("--json", "--call", "genesis_obj", "add_two_numbers",
+                                        "1", "2").stdout)
+        # the model really answered (and, being tiny and untrained, wrote no valid method)
+        assert reply["status"] == "FAILED" and not reply["replayed"]
+        record = kernel.shell(f"print(cycle({reply['cycle_id']!r})['llm_calls'])")
+        assert "'backend': 'transformers'" in record.stdout
+        listing = models("list")
+        assert "loaded:" in listing.stdout and "loaded: none" not in listing.stdout
