@@ -68,6 +68,10 @@ class _Runner:
 _idle: list[_Runner] = []
 _idle_lock = threading.Lock()
 _MAX_IDLE = 16
+# Abandoned methods still running; past this many, no new method is started,
+# since each holds a thread, a database connection and maybe a core.
+MAX_RUNAWAYS = 8
+_runaways = 0
 
 
 def _take_runner() -> _Runner:
@@ -85,12 +89,31 @@ def _give_back(runner: _Runner) -> None:
     runner.jobs.put(None)
 
 
+def _count_runaway(fate: dict[str, bool], *, ended: bool) -> None:
+    """Keep ``_runaways`` right whichever comes first: the end or the abandonment."""
+    global _runaways
+    with _idle_lock:
+        if ended:
+            fate["finished"] = True
+            if fate["abandoned"]:
+                _runaways -= 1
+        elif not fate["finished"]:
+            fate["abandoned"] = True
+            _runaways += 1
+
+
 async def run_with_deadline(
     function: Callable[[], Any], timeout: float, *, grace: float = 2.0, name: str = "method"
 ) -> Any:
     """Run ``function`` in a worker thread; stop it after ``timeout`` seconds."""
+    if _runaways >= MAX_RUNAWAYS:
+        raise MethodTimeout(
+            f"{_runaways} earlier methods overran their time and still run; "
+            "no new method starts until they end or the kernel restarts"
+        )
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
+    fate = {"finished": False, "abandoned": False}  # guarded by _idle_lock
 
     def settle(setter: Callable[[Any], None], value: Any) -> None:
         if not future.done():
@@ -107,6 +130,7 @@ async def run_with_deadline(
             outcome = (future.set_result, function())
         except BaseException as exc:  # delivered to the awaiting coroutine
             outcome = (future.set_exception, exc)
+        _count_runaway(fate, ended=True)
         while True:
             try:
                 deliver(*outcome)
@@ -134,6 +158,7 @@ async def run_with_deadline(
     try:
         await asyncio.wait_for(asyncio.shield(future), grace)
     except TimeoutError:
+        _count_runaway(fate, ended=False)
         raise MethodAbandoned(
             f"{name} ran longer than {timeout:g} s and did not stop; its thread was abandoned",
             future,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 import transaction
 from test_cycle import Harness, run
 
@@ -83,5 +84,25 @@ def test_methods_cannot_swallow_the_stop_and_results_are_plain(tmp_path):
             assert mine.result_repr.startswith("<UvmObject oid=")
         finally:
             await harness.stop()
+
+    run(scenario())
+
+
+def test_runaway_methods_are_capped():
+    from batos_uvm import deadline
+
+    async def scenario():
+        started = []
+        for _ in range(deadline.MAX_RUNAWAYS):
+            try:
+                await deadline.run_with_deadline(lambda: __import__("time").sleep(1.5), 0.05,
+                                                 grace=0.05)
+            except deadline.MethodAbandoned:
+                started.append(1)
+        assert len(started) == deadline.MAX_RUNAWAYS
+        with pytest.raises(deadline.MethodTimeout, match="still run"):
+            await deadline.run_with_deadline(lambda: 1, 1.0)
+        await asyncio.sleep(2.0)  # they end; methods run again
+        assert await deadline.run_with_deadline(lambda: 2, 1.0) == 2
 
     run(scenario())
