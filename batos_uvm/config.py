@@ -34,6 +34,7 @@ class Settings:
     trial_wall_seconds: float = 5.0
     trial_memory_mb: int = 256
     method_timeout: float = 30.0  # seconds an installed method may run per message
+    index_interval: float = 300.0  # seconds between saves of the FileStorage index
     metacognition_log: str = "metacognition.jsonl"
     codex: str = str(REPO_DIR / "persona_codex.jsonl")
     lora_dir: str = str(REPO_DIR / "lora_adapters")

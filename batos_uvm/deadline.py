@@ -89,6 +89,11 @@ def _give_back(runner: _Runner) -> None:
     runner.jobs.put(None)
 
 
+def _mark_retrieved(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _count_runaway(fate: dict[str, bool], *, ended: bool) -> None:
     """Keep ``_runaways`` right whichever comes first: the end or the abandonment."""
     global _runaways
@@ -113,6 +118,10 @@ async def run_with_deadline(
         )
     loop = asyncio.get_running_loop()
     future: asyncio.Future[Any] = loop.create_future()
+    # A late outcome nobody awaits any more must not be logged from a finalizer:
+    # on CPython 3.11 that logging parses source lines and can break an ast.parse
+    # running at the time ("AST constructor recursion depth mismatch").
+    future.add_done_callback(_mark_retrieved)
     fate = {"finished": False, "abandoned": False}  # guarded by _idle_lock
 
     def settle(setter: Callable[[Any], None], value: Any) -> None:

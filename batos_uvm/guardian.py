@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ast
 import keyword
+import threading
 
 from .covenant import (  # the covenant's constants are part of the policy's public API
     MAX_ANALYSIS_STEPS,
@@ -70,6 +71,11 @@ SAFE_BUILTIN_NAMES: frozenset[str] = frozenset(
 )
 
 #: Builtins replaced at run time by guarded versions (see restricted.py).
+# CPython 3.11 keeps the AST converter's recursion counter per interpreter, so
+# two threads parsing at once can fail with "AST constructor recursion depth
+# mismatch"; the kernel parses in method threads and on its event loop.
+PARSE_LOCK = threading.Lock()
+
 ATTRIBUTE_FUNCTIONS: frozenset[str] = frozenset({"getattr", "hasattr", "setattr", "delattr"})
 
 #: Names generated code may not mention at all.
@@ -138,7 +144,8 @@ def _inspect(source: str, selector: str) -> tuple[ast.Module | None, list[Guardi
             )
         ]
     try:
-        tree = ast.parse(source)
+        with PARSE_LOCK:
+            tree = ast.parse(source)
     except SyntaxError as exc:
         return None, [GuardianViolation("syntax-error", exc.lineno or 1, exc.msg)]
     except (ValueError, RecursionError, MemoryError) as exc:

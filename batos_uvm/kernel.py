@@ -81,6 +81,7 @@ class Kernel:
         self.bridge: Any = None
         self._jobs: asyncio.Queue[tuple[Job, asyncio.Future[Any]]] = asyncio.Queue()
         self._workers: list[asyncio.Task[None]] = []
+        self._background: list[asyncio.Task[None]] = []
         self._cycles: dict[tuple[bytes, str], _Joinable] = {}
         self._stopping = asyncio.Event()
         self.orchestrator = Orchestrator(self)
@@ -97,6 +98,7 @@ class Kernel:
         specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
         self.cognition = Cognition(specs, db=self.image.db)
         await self.audit.start()
+        self._background = [asyncio.create_task(self._save_index_now_and_then(), name="index")]
         for number in range(self.settings.workers):
             self._workers.append(asyncio.create_task(self._worker(number), name=f"worker-{number}"))
         if serve_bridge:
@@ -172,10 +174,11 @@ class Kernel:
         log.info("shutting down")
         if self.bridge is not None:
             await self.bridge.stop()
-        for task in self._workers:
+        for task in [*self._workers, *self._background]:
             task.cancel()
-        await asyncio.gather(*self._workers, return_exceptions=True)
+        await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
         self._workers.clear()
+        self._background.clear()
         await self.cognition.close()
         await self.audit.close()
         if self.image is not None:
@@ -217,6 +220,15 @@ class Kernel:
         finally:
             _abort_quietly(tm)
             connection.close()
+
+    async def _save_index_now_and_then(self) -> None:
+        assert self.image is not None
+        while True:
+            await asyncio.sleep(self.settings.index_interval)
+            try:
+                await asyncio.to_thread(self.image.save_index)
+            except Exception:  # an index is an optimisation: never stop the kernel for it
+                log.warning("saving the image index failed", exc_info=True)
 
     async def submit(self, job: Job) -> Any:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

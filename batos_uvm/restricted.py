@@ -21,6 +21,7 @@ from .guardian import (
     ALLOWED_MODULES,
     FORBIDDEN_ATTRIBUTES,
     FORMAT_ATTRIBUTES,
+    PARSE_LOCK,
     SAFE_BUILTIN_NAMES,
 )
 
@@ -121,7 +122,8 @@ def compile_method(source: str, selector: str, filename: str = "<method>") -> ty
     Never audits: callers run the Guardian first. Module-level statements of the
     source (its imports) run here, under the guarded ``__import__``.
     """
-    code = compile(source, filename, "exec", dont_inherit=True)
+    with PARSE_LOCK:
+        code = compile(source, filename, "exec", dont_inherit=True)
     namespace: dict[str, Any] = {"__builtins__": make_builtins(), "__name__": "batos_method"}
     exec(code, namespace)
     function = namespace.get(selector)

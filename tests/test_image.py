@@ -259,3 +259,19 @@ def test_the_image_is_served_on_a_private_unix_socket(tmp_path):
     finally:
         image.close()
     assert not (tmp_path / "live_image.fs.zeo.json").exists()
+
+
+def test_the_index_can_be_saved_while_serving(tmp_path):
+    settings = load_settings(None, {"db": str(tmp_path / "live_image.fs")}, environ={})
+    image = open_image(settings)
+    index = tmp_path / "live_image.fs.index"
+    try:
+        conn = image.db.open()
+        conn.root()["x"] = UvmObject(value=1)
+        transaction.commit()
+        index.unlink(missing_ok=True)
+        assert image.save_index() is True and index.exists()
+        assert image.save_index() is False  # nothing new since
+        conn.close()
+    finally:
+        image.close()
