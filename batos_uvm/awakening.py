@@ -108,14 +108,15 @@ def incarnate(root: Any) -> list[str]:
 
     ensure("psm_prototypes_obj", make_states)
 
-    def make_orchestrator() -> UvmObject:
-        orchestrator = UvmObject(
+    # The orchestrator's state lives in the image; cycles are driven by the
+    # kernel (cycle.Orchestrator), which needs a worker of its own and so is
+    # not a message a method could send from inside a worker.
+    ensure(
+        "orchestrator_obj",
+        lambda: UvmObject(
             parents=[pllm, root["alfred_prototype_obj"], traits], label="orchestrator_obj"
-        )
-        orchestrator.install_primitive("start_cognitive_cycle", "orchestrator.start")
-        return orchestrator
-
-    ensure("orchestrator_obj", make_orchestrator)
+        ),
+    )
     ensure("cycles", OOBTree)  # cycle id -> CycleRecord, every cycle ever run
     ensure("active_cycles", OOBTree)  # cycle id -> the kernel running it
     return created

@@ -152,7 +152,6 @@ class Kernel:
         primitives.register("catalog.search", self._primitive_search)
         primitives.register("catalog.index", self._primitive_index)
         primitives.register("infer", self._primitive_infer)
-        primitives.register("orchestrator.start", self._primitive_start_cycle)
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -498,15 +497,6 @@ class Kernel:
         )
         future = asyncio.run_coroutine_threadsafe(self.cognition.infer(request), self.loop)
         return future.result(timeout=600).text
-
-    def _primitive_start_cycle(
-        self,
-        orchestrator: UvmObject,
-        brief: dict[str, Any],
-        target_oid: bytes,
-        progress: Callable[[dict[str, Any]], Awaitable[None]],
-    ) -> Any:
-        return self.cycle_for(target_oid, brief, progress)
 
 
 def _close_abandoned(connection: Any, tm: transaction.TransactionManager, _: Any) -> None:
