@@ -23,7 +23,7 @@ from .codex import PERSONA_CODEX, read_golden_dataset
 from .config import PERSONAS, Settings
 from .objects import UvmObject
 
-log = logging.getLogger("batos.kernel")
+log = logging.getLogger("batos.awakening")
 
 STATES = ("IDLE", "DECOMPOSING", "DELEGATING", "SYNTHESIZING", "VALIDATING", "COMPLETE", "FAILED")
 PERSONA_ROOTS = {

@@ -28,7 +28,7 @@ def test_configured_model_is_stored_on_awakening_and_used_by_a_cycle(tmp_path, c
         "metacognition_log": str(tmp_path / "audit.jsonl"), "max_attempts": 1}, environ={})
 
     async def scenario():
-        with caplog.at_level(logging.INFO, logger="batos.kernel"):
+        with caplog.at_level(logging.INFO, logger="batos.awakening"):
             await harness.start()
         try:
             stored = harness.read(lambda root: sorted(root["pLLM_obj"].weights.models))
