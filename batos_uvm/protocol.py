@@ -163,6 +163,9 @@ class ProgressEvent(_Model):
     """A state transition of the work behind a request; zero or more precede the Reply.
 
     A handler builds it with ``cycle_id``/``state``/``detail``; the bridge fills ``id``.
+    ``persona`` names who is thinking, ``elapsed_s`` the seconds since the work
+    began, and ``text`` carries a chunk of model output as it streams ("" when
+    the event is not a chunk).
     """
 
     model_config = ConfigDict(strict=False, extra="ignore", frozen=True)
@@ -172,6 +175,9 @@ class ProgressEvent(_Model):
     cycle_id: str | None = None
     state: str
     detail: str = ""
+    persona: str | None = None
+    elapsed_s: float | None = None
+    text: str = ""
     ts: float = Field(default_factory=time.time)
 
 
