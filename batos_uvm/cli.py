@@ -19,6 +19,7 @@ commands:
   shell           an interactive Python console on the living image
   models          store and list persona models and LoRA adapters in the image
   keys            generate CURVE keys for the bridge
+  doctor          which layers protect generated code on this machine
 
 examples:
   python batos.py                                  # live_image.fs in the current directory
@@ -103,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_models_parser(model_commands)
     for command in model_commands.choices.values():  # `models list --db X` works too
         _kernel_options(command, sub=True)
+    doctor = sub.add_parser(
+        "doctor", help="which layers protect generated code (cells) on this machine"
+    )
+    _kernel_options(doctor, sub=True)
     keys = sub.add_parser("keys", help="CURVE keys for the bridge")
     from .keys import add_keys_parser
 
@@ -195,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             from .keys import run_keys_command
 
             return run_keys_command(args)
+        if args.command == "doctor":
+            from .cells.doctor import run_doctor
+
+            return run_doctor(settings)
         from .kernel import Kernel
 
         return asyncio.run(Kernel(settings).run())

@@ -30,10 +30,11 @@ class Settings:
     backend: str = ""  # default cognition for every persona, e.g. "replay:demo.jsonl"
     workers: int = 2
     max_attempts: int = 3
-    trial_cpu_seconds: float = 2.0
-    trial_wall_seconds: float = 5.0
-    trial_memory_mb: int = 256
-    method_timeout: float = 30.0  # seconds an installed method may run per message
+    trial_wall_seconds: float = 5.0  # seconds a trial call may run
+    method_timeout: float = 30.0  # seconds of cell time a generated method may use per message
+    cells: int = 0  # warm cells for generated methods (0: as many as workers)
+    cell_memory_mb: int = 512  # address space of one cell
+    cell_max_calls: int = 1000  # a cell is replaced after this many calls
     index_interval: float = 300.0  # seconds between saves of the FileStorage index
     metacognition_log: str = "metacognition.jsonl"
     codex: str = str(REPO_DIR / "persona_codex.jsonl")
@@ -124,4 +125,12 @@ def load_settings(
         raise ConfigError("workers must be at least 1")
     if settings.max_attempts < 1:
         raise ConfigError("max_attempts must be at least 1")
+    if settings.cells < 0:
+        raise ConfigError("cells must be 0 (as many as workers) or more")
+    if settings.cell_memory_mb < 64:
+        raise ConfigError("cell_memory_mb must be at least 64 (a cell needs ~30 MiB to start)")
+    if settings.cell_max_calls < 1:
+        raise ConfigError("cell_max_calls must be at least 1")
+    if settings.method_timeout <= 0 or settings.trial_wall_seconds <= 0:
+        raise ConfigError("method_timeout and trial_wall_seconds must be positive")
     return settings

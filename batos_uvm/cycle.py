@@ -34,14 +34,12 @@ from .guardian import GuardianViolation, audit
 from .objects import UvmObject, check_selector, format_oid, parse_oid
 from .prompts import (
     MAX_CODE_CHARS,
-    chain_methods,
     decomposition_prompt,
     parse_queries,
     parse_synthesis,
     synthesis_prompt,
-    visible_slots,
 )
-from .trial import TrialLimits, run_trial, to_plain
+from .trial import run_trial
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -461,24 +459,17 @@ def mark_interrupted(root: Any, owner_alive: Callable[[dict[str, Any]], bool]) -
 
 
 async def run_candidate_trial(ctx: CycleContext, candidate: dict[str, Any]) -> Any:
-    """Run the candidate in the sandbox against copies of the target's slots."""
-    settings = ctx.services.settings
-    target = ctx.target()
-    examples = candidate.get("examples")
+    """Run the candidate in a cell, as the installed method would run (see trial.py)."""
+    kernel = ctx.services
     brief = ctx.log.brief
-    if brief.get("args") or brief.get("kwargs"):
-        # The call that started the cycle must at least run.
-        original = {"args": list(brief.get("args", [])), "kwargs": dict(brief.get("kwargs", {}))}
-        examples = [*(examples or []), original]
     return await run_trial(
-        candidate["code"],
+        kernel.cells,
+        ctx.connection,
+        ctx.target(),
         ctx.log.selector,
-        {name: to_plain(value) for name, value in visible_slots(target).items()},
-        examples,
-        methods={k: v for k, v in chain_methods(target).items() if k != ctx.log.selector},
-        limits=TrialLimits(
-            cpu_seconds=settings.trial_cpu_seconds,
-            wall_seconds=settings.trial_wall_seconds,
-            memory_bytes=settings.trial_memory_mb * 2**20,
-        ),
+        candidate["code"],
+        candidate.get("examples"),
+        {"args": list(brief.get("args", [])), "kwargs": dict(brief.get("kwargs", {}))},
+        timeout=kernel.settings.trial_wall_seconds,
+        services=kernel.services_for(ctx.connection),
     )

@@ -4,13 +4,14 @@ Data flows one way: bridge -> ``handle`` -> job queue -> worker (own ZODB
 connection and transaction manager) -> orchestrator -> reply. A message nobody
 understands releases its worker, runs a cognitive cycle as a job of its own
 (joining one already running for the same target and selector), then is sent
-again to the new method.
+again to the new method. Generated methods run in cells (``batos_uvm.cells``),
+never in this process: the worker serves the cell's requests and commits the
+receiver's changes in the send's transaction.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import os
 import signal
@@ -28,6 +29,9 @@ from ZODB.POSException import ConflictError
 from . import primitives
 from .audit import AuditTrail
 from .awakening import awaken
+from .cells.invocation import Invocation, MethodFailed, Refused, is_generated
+from .cells.pool import CellConfig, CellFailure, CellPool, CellTimeout
+from .cells.wire import ReprText
 from .cognition import Cognition
 from .config import PERSONAS, Settings
 from .cycle import (
@@ -36,9 +40,8 @@ from .cycle import (
     register_state_primitives,
     run_candidate_trial,
 )
-from .deadline import MethodAbandoned, MethodTimeout, run_with_deadline
 from .image import OpenImage, open_image
-from .objects import SelectorNotUnderstood, UvmObject, check_selector
+from .objects import SelectorNotUnderstood, UvmObject, check_selector, describe_briefly
 from .protocol import (
     MAX_REPR_CHARS,
     CycleRequest,
@@ -50,6 +53,7 @@ from .protocol import (
     SendRequest,
     parse_target,
 )
+from .reprs import safe_repr
 
 log = logging.getLogger("batos.kernel")
 
@@ -85,12 +89,14 @@ class Kernel:
         self._cycles: dict[tuple[bytes, str], _Joinable] = {}
         self._stopping = asyncio.Event()
         self.orchestrator = Orchestrator(self)
+        self.cells = CellPool(cell_config(settings), size=settings.cells or settings.workers)
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(self, *, serve_bridge: bool = True) -> None:
         from .text import default_embedder
 
         self.loop = asyncio.get_running_loop()
+        self.cells.warm()  # cells start in the background while the image opens
         self.image = await asyncio.to_thread(open_image, self.settings)
         self.embedder = default_embedder(self.settings.embedder)
         await asyncio.to_thread(self._awaken)
@@ -178,6 +184,7 @@ class Kernel:
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
         self._workers.clear()
         self._background.clear()
+        await self.cells.close()
         await self.cognition.close()
         await self.audit.close()
         if self.image is not None:
@@ -197,17 +204,7 @@ class Kernel:
                 try:
                     result = await job(connection)
                 except BaseException as exc:
-                    if isinstance(exc, MethodAbandoned):
-                        # A runaway thread still holds this connection: leave it to
-                        # that thread, close it when the thread ends, work on a fresh one.
-                        log.warning("worker %d: %s; continuing on a new connection", number, exc)
-                        exc.finished.add_done_callback(
-                            functools.partial(_close_abandoned, connection, tm)
-                        )
-                        tm = transaction.TransactionManager(explicit=True)
-                        connection = self.image.db.open(transaction_manager=tm)
-                    else:
-                        _abort_quietly(tm)
+                    _abort_quietly(tm)
                     if isinstance(exc, asyncio.CancelledError):
                         future.cancel()
                         raise
@@ -284,6 +281,7 @@ class Kernel:
             "uptime_s": round(time.time() - self.started, 3),
             "cognition": self.cognition.describe(),
             "workers": len(self._workers),
+            "cells": self.cells.describe(),
         }
 
     # -- messages ------------------------------------------------------------------------------
@@ -302,6 +300,12 @@ class Kernel:
             check_selector(selector)
         except ValueError as exc:
             return Reply.failed("invalid_selector", str(exc))
+        for name in kwargs:
+            if not isinstance(name, str) or name.startswith("_"):
+                return Reply.failed(
+                    "invalid_arguments",
+                    f"keyword {name!r}: names starting with '_' are reserved for the kernel",
+                )
         brief = {"type": "unhandled_message", "selector": selector, "args": args, "kwargs": kwargs}
         outcome: CycleOutcome | None = None
         try:
@@ -325,12 +329,13 @@ class Kernel:
                     return _cycle_failed(outcome)
         except TargetError:
             raise
-        except MethodTimeout as exc:
+        except SendFailed as exc:
             return Reply.failed(
-                "method_timeout",
+                exc.kind,
                 str(exc),
                 cycle_id=outcome.cycle_id if outcome else None,
                 replayed=outcome.replayed if outcome else False,
+                output=exc.output,
             )
         except Exception as exc:
             return Reply.failed(
@@ -348,7 +353,7 @@ class Kernel:
     async def _try_send(
         self, connection: Any, target: str, selector: str, args: list[Any], kwargs: dict[str, Any]
     ) -> tuple[bool, Any]:
-        """(True, result) when answered; (False, oid) when nobody understands the selector."""
+        """(True, answer) when answered; (False, oid) when nobody understands the selector."""
         tm = connection.transaction_manager
         for attempt in range(1, SEND_RETRIES + 1):
             tm.begin()
@@ -358,30 +363,33 @@ class Kernel:
                 if found is None:
                     tm.abort()
                     return False, receiver._p_oid
-                if not found.is_method and not callable(found.value):
-                    result = receiver.send(selector, *args, **kwargs)  # a slot read
-                else:
-                    # Methods run off the event loop so the bridge keeps breathing,
-                    # and are stopped when they overrun.
-                    result = await run_with_deadline(
-                        functools.partial(receiver.send, selector, *args, **kwargs),
-                        self.settings.method_timeout,
-                        name=f"{selector}()",
+                output = None
+                if is_generated(found):
+                    invocation = Invocation(
+                        self.cells,
+                        timeout=self.settings.method_timeout,
+                        services=self.services_for(connection),
                     )
-                if asyncio.iscoroutine(result):
-                    result.close()  # never run kernel coroutines on behalf of a method
-                    raise TypeError(f"{selector} returned a coroutine, not a value")
+                    try:
+                        result = await invocation.call(receiver, selector, args, kwargs)
+                    except (MethodFailed, Refused, CellFailure) as exc:
+                        raise SendFailed.from_exception(exc, invocation.output) from None
+                    output = invocation.output or None
+                elif found.is_method:
+                    # Kernel primitives are kernel code; off the event loop, since
+                    # some wait on it (infer).
+                    result = await asyncio.to_thread(receiver.send, selector, *args, **kwargs)
+                else:
+                    result = receiver.send(selector, *args, **kwargs)  # a slot read
                 # Made plain while the transaction is open: the reply is packed
                 # later, when this connection may already serve the next job.
-                wire = _to_wire(result)
+                answer = _to_wire(result, output)
                 tm.commit()
-                return True, wire
+                return True, answer
             except ConflictError:
                 tm.abort()
                 if attempt == SEND_RETRIES:
                     raise
-            except MethodAbandoned:
-                raise  # the runaway thread still uses this transaction: leave it be
             except BaseException:
                 tm.abort()
                 raise
@@ -472,7 +480,11 @@ class Kernel:
             self.embedder,
         )
 
-    # -- primitives (called from installed methods and the shell) --------------------------------
+    def services_for(self, connection: Any) -> KernelServices:
+        """What generated methods may ask of this kernel (batos.search, batos.ask)."""
+        return KernelServices(self, connection)
+
+    # -- primitives (called by clients and the shell) -------------------------------------------
     def _primitive_search(
         self, catalog: UvmObject, query: str, top_k: int = 5
     ) -> list[dict[str, Any]]:
@@ -497,14 +509,6 @@ class Kernel:
         )
         future = asyncio.run_coroutine_threadsafe(self.cognition.infer(request), self.loop)
         return future.result(timeout=600).text
-
-
-def _close_abandoned(connection: Any, tm: transaction.TransactionManager, _: Any) -> None:
-    _abort_quietly(tm)
-    try:
-        connection.close()
-    except Exception:  # the database may already be closed at shutdown
-        log.debug("closing an abandoned connection failed", exc_info=True)
 
 
 def _abort_quietly(tm: transaction.TransactionManager) -> None:
@@ -532,27 +536,99 @@ def _cycle_failed(outcome: CycleOutcome) -> Reply:
     )
 
 
-def _to_wire(value: Any) -> tuple[Any, str | None]:
-    """(value, None) when it travels as msgpack, else (None, a readable repr)."""
-    try:
-        ormsgpack.packb(value)
-    except (TypeError, ValueError, OverflowError):
+class KernelServices:
+    """The kernel services of one invocation: the catalog of its connection, the personas."""
+
+    def __init__(self, kernel: Kernel, connection: Any) -> None:
+        self.kernel, self.connection = kernel, connection
+
+    async def search(self, query: str, top_k: int) -> list[dict[str, Any]]:
+        store = self.connection.root()["knowledge_catalog_obj"].store
+        hits = await self.kernel.search(store, query, top_k)
+        return [{"doc_id": h.doc_id, "text": h.text, "score": round(h.score, 4)} for h in hits]
+
+    async def ask(self, persona: str, prompt: str) -> str:
+        from .cognition import InferenceRequest
+
+        if persona not in PERSONAS:
+            raise Refused("ValueError", f"no persona {persona!r}; ask one of {', '.join(PERSONAS)}")
+        completion = await self.kernel.cognition.infer(
+            InferenceRequest(persona=persona, prompt=prompt)
+        )
+        return completion.text
+
+
+class SendFailed(Exception):
+    """A send whose method failed; ``kind`` is the reply's error kind."""
+
+    def __init__(self, kind: str, reason: str, output: str | None = None) -> None:
+        super().__init__(reason)
+        self.kind, self.output = kind, output or None
+
+    @classmethod
+    def from_exception(cls, exc: Exception, output: str) -> SendFailed:
+        if isinstance(exc, MethodFailed):
+            return cls("method_raised", str(exc), output)
+        if isinstance(exc, Refused):
+            return cls("method_raised", f"{exc.kind}: {exc}", output)
+        if isinstance(exc, CellTimeout):
+            return cls("method_timeout", str(exc), output)
+        return cls(getattr(exc, "kind", "cell_crashed"), f"the method's cell failed: {exc}", output)
+
+
+def _to_wire(value: Any, output: str | None = None) -> tuple[Any, str | None, str | None]:
+    """(value, None, output) when it travels as msgpack, else (None, a safe repr, output).
+
+    Built from plain data by exact types: no code of the image runs here.
+    """
+    if type(value) is ReprText:  # a result that is not plain data, shown as the cell saw it
+        return None, str.__str__(value)[:MAX_REPR_CHARS], output
+    if _is_plain(value, 0):
         try:
-            text = repr(value)
-        except Exception as exc:  # a broken __repr__ must not lose the reply
-            text = f"<unrepresentable {type(value).__name__}: {exc}>"
-        return None, text[:MAX_REPR_CHARS]
-    return value, None
+            ormsgpack.packb(value)
+            return value, None, output
+        except (TypeError, ValueError, OverflowError):
+            pass
+    return None, safe_repr(value, MAX_REPR_CHARS, describe=_describe_object), output
 
 
-def _completed(wire: tuple[Any, str | None], outcome: CycleOutcome | None) -> Reply:
-    value, text = wire
+def _is_plain(value: Any, depth: int) -> bool:
+    kind = type(value)
+    if kind in (type(None), bool, int, float, str, bytes):
+        return True
+    if depth > 64:
+        return False
+    if kind is list:
+        return all(_is_plain(v, depth + 1) for v in value)
+    if kind is dict:
+        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())
+    return False
+
+
+def _describe_object(value: Any) -> str | None:
+    return describe_briefly(value) if isinstance(value, UvmObject) else None
+
+
+def _completed(
+    wire: tuple[Any, str | None, str | None], outcome: CycleOutcome | None
+) -> Reply:
+    value, text, output = wire
     return Reply(
         status="COMPLETE",
         result=value,
         result_repr=text,
         cycle_id=outcome.cycle_id if outcome else None,
         replayed=outcome.replayed if outcome else False,
+        output=output,
+    )
+
+
+def cell_config(settings: Settings) -> CellConfig:
+    """How this kernel's cells are contained (settings documented in docs/CELLS.md)."""
+    return CellConfig(
+        memory_bytes=settings.cell_memory_mb * 2**20,
+        cpu_per_call=max(settings.method_timeout, settings.trial_wall_seconds) + 1,
+        max_calls=settings.cell_max_calls,
     )
 
 

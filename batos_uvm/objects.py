@@ -17,10 +17,11 @@ How reads stay cheap
 
 Methods
     Each installed method keeps every version (source, author, time, cycle id).
-    The current version is compiled on first use with a small set of builtins
-    (``batos_uvm.restricted``), never in the kernel's globals, and bound to the
-    receiver. Kernel behaviour (``doesNotUnderstand``, ``search`` ...) is a
-    method record naming a primitive of ``batos_uvm.primitives``.
+    Generated methods never run in the process holding the image: calling one
+    runs it in a *cell*, a sandboxed worker process (``batos_uvm.cells``), and
+    only its changes to the receiver's own slots come back. Kernel behaviour
+    (``doesNotUnderstand``, ``search`` ...) is a method record written by the
+    kernel naming a primitive of ``batos_uvm.primitives``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ from __future__ import annotations
 import keyword
 import threading
 import time
-import types
 import weakref
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, NamedTuple
@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from persistent import GHOST, Persistent
 
 from . import primitives
+from .reprs import safe_repr
 
 __all__ = [
     "MethodRecord",
@@ -147,30 +148,35 @@ def _cacheable(value: Any) -> bool:
         return True
     if isinstance(value, tuple):
         return all(_cacheable(item) for item in value)
-    return isinstance(value, (types.MethodType, BoundPrimitive))
+    return isinstance(value, (CellMethod, BoundPrimitive))
 
 
-# --- compiled method bodies, shared by every receiver --------------------------
-_compiled: dict[tuple[str, str], types.FunctionType] = {}
-_COMPILED_LIMIT = 4096
+# --- generated methods run in cells -------------------------------------------------
+class CellMethod:
+    """A generated method bound to its receiver: calling it runs it in a cell.
 
+    Generated code never runs in the process that holds the image. Inside the
+    kernel, sends go through the kernel's cell pool; elsewhere (the shell,
+    tests) through a small local pool (batos_uvm.cells.local).
+    """
 
-def compile_record(record: MethodRecord) -> types.FunctionType:
-    key = (record.selector, record.source or "")
-    function = _compiled.get(key)
-    if function is None:
-        from .guardian import audit
-        from .restricted import compile_method
+    __slots__ = ("receiver", "record")
 
-        # Audited again here, whoever stored the record (another kernel, an old image).
-        audit(record.source or "", record.selector)
-        function = compile_method(
-            record.source or "", record.selector, filename=f"<{record.selector} v{record.version}>"
-        )
-        if len(_compiled) >= _COMPILED_LIMIT:
-            _compiled.clear()
-        _compiled[key] = function
-    return function
+    def __init__(self, receiver: Any, record: MethodRecord) -> None:
+        object.__setattr__(self, "receiver", receiver)
+        object.__setattr__(self, "record", record)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise AttributeError("a bound method cannot be changed")
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        from .cells.local import run_method
+
+        return run_method(self.receiver, self.record.selector, list(args), dict(kwargs))
+
+    def __repr__(self) -> str:
+        return f"<method {self.record.selector} v{self.record.version} of " \
+            f"{describe_briefly(self.receiver)}>"
 
 
 class BoundPrimitive:
@@ -194,8 +200,13 @@ class BoundPrimitive:
 
 def bind(record: MethodRecord, receiver: Any) -> Callable[..., Any]:
     if record.primitive:
+        if record.author != "kernel" or record.source is not None:
+            raise PermissionError(
+                f"method record {record.selector!r} names primitive {record.primitive!r} but "
+                "was not written by the kernel; it is not run"
+            )
         return BoundPrimitive(receiver, record.primitive)
-    return types.MethodType(compile_record(record), receiver)
+    return CellMethod(receiver, record)
 
 
 class Found(NamedTuple):
@@ -225,6 +236,10 @@ class UvmObject(Persistent):
         if label:
             self._label = label
         for name, value in slots.items():
+            if name.startswith("_"):
+                raise ValueError(
+                    f"slot {name!r}: names starting with '_' belong to the kernel"
+                )
             setattr(self, name, value)
 
     # -- attribute protocol ---------------------------------------------------
@@ -408,11 +423,8 @@ class UvmObject(Persistent):
         if selector in RESERVED_SELECTORS:
             raise ValueError(f"{selector!r} is an operation of every UvmObject")
         from .guardian import audit
-        from .restricted import compile_method
 
-        audit(source, selector)
-
-        compile_method(source, selector)  # fail now, not at first call
+        audit(source, selector)  # parses it too: a syntax error fails now, not at first call
         return self._add_version(
             selector, source=source, primitive=None, author=author, cycle_id=cycle_id, note=note
         )
@@ -508,13 +520,12 @@ def _version(history: list[MethodRecord], selector: str, version: int) -> Method
 
 
 def _short_repr(value: Any, limit: int = 200) -> str:
-    if isinstance(value, UvmObject):
-        return describe_briefly(value)
-    try:
-        text = repr(value)
-    except Exception as exc:  # a broken __repr__ must not break inspection
-        text = f"<unrepresentable {type(value).__name__}: {exc}>"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    """A value of the image as text, without running any of its code."""
+    return safe_repr(value, limit, describe=_name_of_object)
+
+
+def _name_of_object(value: Any) -> str | None:
+    return describe_briefly(value) if isinstance(value, UvmObject) else None
 
 
 class SlotsView(MutableMapping[str, Any]):

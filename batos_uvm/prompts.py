@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from .objects import UvmObject
+from .reprs import safe_repr
 
 MAX_CODE_CHARS = 20_000
 
@@ -96,7 +97,7 @@ def synthesis_prompt(
 ) -> str:
     """The request to the synthesizing persona (reply format: docs/CYCLE.md)."""
     selector = brief["selector"]
-    slots = {name: repr(value)[:120] for name, value in visible_slots(target).items()}
+    slots = {name: safe_repr(value, 120) for name, value in visible_slots(target).items()}
     context = "\n".join(f"- {item['text']}" for item in retrieved_context[:6])
     parts = [
         f"Mission: write a Python method named '{selector}' for a BAT OS object.",
@@ -105,9 +106,9 @@ def synthesis_prompt(
         f"The object's slots (read them as self.NAME): {json.dumps(slots)}.",
         "Rules: define exactly one function `def " + selector + "(self, ...)`; import only "
         "standard modules such as math, datetime, time, random, json, re, statistics, "
-        "itertools, functools, collections, string; never touch names starting with '_' "
-        "except `self._p_changed`; no open/exec/eval; a method that changes self must set "
-        "`self._p_changed = True` after its last change on every path that returns.",
+        "itertools, functools, collections, string; never touch names starting with '_'; "
+        "no open/exec/eval; a method may change only self (self.NAME = value, or "
+        "changing a list or dict it holds): the kernel keeps the change.",
         "Reply with the method in a ```python fenced block, then optionally a ```json block "
         'holding a list of examples like [{"args": [5], "kwargs": {}, "expect": 120}].',
     ]

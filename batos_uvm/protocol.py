@@ -212,6 +212,7 @@ class Reply(_Model):
     cycle_id: str | None = None
     replayed: bool = False
     boot_id: str = ""
+    output: str | None = None  # what the method printed in its cell (bounded)
 
     @property
     def ok(self) -> bool:
@@ -225,13 +226,20 @@ class Reply(_Model):
 
     @classmethod
     def failed(
-        cls, kind: str, reason: str, *, cycle_id: str | None = None, replayed: bool = False
+        cls,
+        kind: str,
+        reason: str,
+        *,
+        cycle_id: str | None = None,
+        replayed: bool = False,
+        output: str | None = None,
     ) -> Reply:
         return cls(
             status="FAILED",
             error=ErrorInfo(kind=kind, reason=reason),
             cycle_id=cycle_id,
             replayed=replayed,
+            output=output,
         )
 
     @classmethod

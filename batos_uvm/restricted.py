@@ -7,9 +7,10 @@ getattr/hasattr/setattr/delattr, and a guarded ``__import__`` that admits only
 non-module, non-container members only). Used by the kernel and by the trial
 process alike.
 
-This is a second line behind the Guardian's AST audit, not a sandbox of its
-own: it decides which names code can reach, not what the CPU, memory or the
-operating system will do for it (that is trial.py's job).
+This is the innermost layer of a cell (batos_uvm/cells), behind the
+Guardian's AST audit and inside the operating-system layers: it decides which
+names code can reach, not what the CPU, memory or the operating system will do
+for it.
 """
 
 from __future__ import annotations
@@ -31,8 +32,17 @@ if TYPE_CHECKING:
 
 _REAL_IMPORT = builtins.__import__
 _REFUSED_ATTRIBUTES = FORBIDDEN_ATTRIBUTES | FORMAT_ATTRIBUTES
-_MUTABLE_CONTAINERS = (list, dict, set, bytearray)
+_CONSTANTS = (int, float, complex, str, bytes, bool, type(None))
 _views: dict[str, types.ModuleType] = {}
+
+#: Members a module defines that still change the machine or the process.
+_WITHHELD = {
+    "time": frozenset("clock_settime clock_settime_ns tzset pthread_getcpuclockid".split()),
+    "decimal": frozenset({"BasicContext", "ExtendedContext"}),  # shared by every method
+}
+
+#: Builtins a cell adds for every method (the kernel services, ``batos``).
+extra_builtins: dict[str, Any] = {}
 
 
 class ModuleView(types.ModuleType):
@@ -52,18 +62,58 @@ def _view(name: str) -> types.ModuleType:
         # a __name__ that matches no entry of sys.modules: "from json import decoder"
         # would otherwise fall back to sys.modules["json.decoder"], the real submodule
         view = ModuleView(f"{name} (restricted view)")
-        # module attributes (submodules), shared mutable containers, private and
-        # refused names stay behind: they are ways into other modules or kernel state
+        withheld = _REFUSED_ATTRIBUTES | _WITHHELD.get(name, frozenset())
         members = {
             key: value
             for key, value in vars(module).items()
-            if not key.startswith("_")
-            and key not in _REFUSED_ATTRIBUTES
-            and not isinstance(value, (types.ModuleType, *_MUTABLE_CONTAINERS))
+            if not key.startswith("_") and key not in withheld and _exported(name, value)
         }
         vars(view).update(members)
         _views[name] = view
     return view
+
+
+def _exported(module: str, value: Any) -> bool:
+    """Constants, and the functions, classes and values the module itself defines.
+
+    Names a module merely imports from elsewhere (``uuid.Enum``), submodules and
+    shared mutable containers stay behind: they lead into other modules or into
+    state shared by every method.
+    """
+    kind = type(value)
+    if kind in _CONSTANTS:
+        return True
+    if kind in (tuple, frozenset):
+        return all(type(item) in _CONSTANTS for item in value)
+    if isinstance(value, (types.ModuleType, list, dict, set, bytearray)):
+        return False
+    if callable(value) and _defined_in(module, getattr(value, "__module__", None)):
+        return True
+    owner = getattr(value, "__self__", None)  # random.random: a method of a module-level Random
+    if owner is not None and not isinstance(owner, types.ModuleType):
+        return _defined_in(module, type(owner).__module__)
+    return _defined_in(module, kind.__module__)  # re.IGNORECASE, datetime.UTC, uuid.NAMESPACE_DNS
+
+
+def _defined_in(module: str, origin: Any) -> bool:
+    if not isinstance(origin, str):
+        return False
+    origin = origin.lstrip("_")
+    return (
+        origin == module
+        or origin.startswith(module + ".")
+        or origin == "py" + module
+        or origin in _ACCELERATORS.get(module, ())
+    )
+
+
+_ACCELERATORS = {"hashlib": ("blake2", "md5", "sha1", "sha2", "sha256", "sha512", "sha3")}
+
+
+def prepare_views() -> None:
+    """Build every module view now (a cell does, before it may read files no more)."""
+    for name in sorted(ALLOWED_MODULES):
+        _view(name)
 
 
 def guarded_import(
@@ -113,6 +163,7 @@ def make_builtins() -> dict[str, Any]:
         delattr=safe_delattr,
         __import__=guarded_import,
     )
+    table.update(extra_builtins)
     return table
 
 

@@ -1,58 +1,30 @@
-"""Verification by running: a generated method's trial in a separate, limited process.
+"""Verification by running: a candidate method's trial, in a cell like any real call.
 
-The kernel never runs unverified code in its own process. :func:`run_trial`
-starts ``python -I -S`` (isolated mode, no site-packages) in a fresh
-temporary directory with a minimal environment, sends the job as JSON on
-stdin and reads the outcome as JSON on stdout. The child (trial_runner.py)
-enters a new network namespace when it can, sets resource limits and
-installs an audit hook before any untrusted code runs; this side enforces
-wall time (killing the whole process group) and the output bound, and
-judges the examples itself, so a child that was subverted can at most lie
-about what the method returned.
+The trial runs the candidate exactly as the kernel would run the installed
+method (batos_uvm.cells): the same kind of cell, the same ``self`` proxy, the
+receiver's real slots and parents, nested sends performed by the kernel. Each
+call runs inside a savepoint of the cycle's transaction that is rolled back
+afterwards, so every call sees the receiver as it is and nothing the trial
+does is kept. No method can tell the trial from a real call.
+
+It always runs the call the brief asked for (with its arguments, also when
+there are none), then the model's examples; the verdict says which failed and
+why, with the method's own traceback.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
-import os
-import shutil
-import signal
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .trial_runner import pack, to_plain, unpack
+from .cells.invocation import Invocation, MethodFailed, Refused, Services
+from .cells.pool import CellFailure, CellPool, CellProtocolError, CellTimeout
+from .objects import UvmObject
+from .reprs import safe_repr
 
-__all__ = ["ExampleResult", "TrialLimits", "TrialResult", "run_trial", "run_trial_sync", "to_plain"]
-
-_PACKAGE_DIR = str(Path(__file__).resolve().parent)
-_BOOTSTRAP = (
-    "import sys, types\n"
-    "package = types.ModuleType('batos_uvm')\n"
-    f"package.__path__ = [{_PACKAGE_DIR!r}]\n"
-    "sys.modules['batos_uvm'] = package  # skip the package's __init__: import only the runner\n"
-    "from batos_uvm import trial_runner\n"
-    "trial_runner.main()\n"
-)
-_STDERR_TAIL = 4096
-_SIGNAL_REASONS = {
-    signal.SIGXCPU: "CPU time limit exceeded",
-    signal.SIGXFSZ: "file size limit exceeded",
-}
-
-
-@dataclass
-class TrialLimits:
-    """Limits of one trial process."""
-
-    cpu_seconds: float = 2.0
-    wall_seconds: float = 5.0
-    memory_bytes: int = 256 * 2**20
-    output_bytes: int = 64 * 1024
+__all__ = ["ExampleResult", "TrialResult", "run_trial", "same"]
 
 
 @dataclass
@@ -66,6 +38,7 @@ class ExampleResult:
     ok: bool
     error: str | None
     has_expect: bool = True  # False: the call only had to return without raising
+    requested: bool = False  # True: the call the brief asked for (always run)
 
 
 @dataclass
@@ -78,7 +51,7 @@ class TrialResult:
     duration_s: float
     traceback: str | None
     stdout: str = ""  # what the method printed (bounded)
-    protections: list[str] = field(default_factory=list)  # what the child managed to apply
+    protections: list[str] = field(default_factory=list)  # the cell layers that were active
 
     def to_record(self) -> dict:
         """Plain JSON-able data for the cycle's record."""
@@ -143,8 +116,7 @@ def _frozen(value: Any) -> Any:
 
 
 def _brief(value: Any, limit: int = 120) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return safe_repr(value, limit)
 
 
 class _BadInput(ValueError):
@@ -174,239 +146,94 @@ def _examples(examples: list[dict] | None) -> list[dict] | None:
             )
         checked.append(
             {
-                "args": to_plain(list(args)),
-                "kwargs": to_plain(dict(kwargs)),
+                "args": list(args),
+                "kwargs": dict(kwargs),
                 "has_expect": "expect" in example,
-                "expect": to_plain(example.get("expect")),
+                "expect": example.get("expect"),
             }
         )
     return checked
 
 
 async def run_trial(
-    source: str,
+    pool: CellPool,
+    connection: Any,
+    target: UvmObject,
     selector: str,
-    slots: dict,
-    examples: list[dict] | None = None,
-    methods: dict[str, str] | None = None,
-    limits: TrialLimits | None = None,
+    source: str,
+    examples: list[dict] | None,
+    requested: dict[str, Any] | None,
     *,
-    restricted: bool = True,
+    timeout: float,
+    services: Services | None = None,
 ) -> TrialResult:
-    """Run ``source``'s method ``selector`` on a copy of ``slots`` in a limited child process.
+    """Run ``source`` as ``target``'s method ``selector``: the requested call, then examples.
 
-    Each example runs against a fresh copy of the slots. Without examples the
-    method is called once when it needs no argument besides self; otherwise
-    the trial only checks that the source compiles and defines the function.
-    ``restricted=False`` compiles with the full builtins: only for testing the
-    process sandbox by itself (the kernel never passes it).
+    ``requested`` is the call that started the cycle ({"args": [...], "kwargs": {...}}).
+    Every call runs in a savepoint of the connection's current transaction and
+    is rolled back.
     """
-    limits = limits or TrialLimits()
     started = time.perf_counter()
-
-    def verdict(
-        ok: bool,
-        reason: str | None,
-        results: list[ExampleResult] | None = None,
-        trace: str | None = None,
-        **extra: Any,
-    ) -> TrialResult:
-        return TrialResult(
-            ok, reason, results or [], round(time.perf_counter() - started, 4), trace, **extra
-        )
-
     try:
-        checked = _examples(examples)
-        job = {
-            "source": source,
-            "selector": selector,
-            "restricted": restricted,
-            "slots": pack(to_plain(dict(slots))),
-            "methods": dict(methods or {}),
-            "limits": asdict(limits),
-            "examples": None
-            if checked is None
-            else [{"args": pack(e["args"]), "kwargs": pack(e["kwargs"])} for e in checked],
-        }
+        checked = _examples(examples) or []
     except _BadInput as exc:
-        return verdict(False, str(exc))
-    workdir = tempfile.mkdtemp(prefix="batos-trial-")
-    try:
-        outcome, failure = await _run_child(_encode(job), workdir, limits)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
-    if failure is not None:
-        return verdict(False, failure)
-    try:
-        return _interpret(outcome, checked, verdict)
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-        # only a subverted or broken child sends this: the verdict is a failure
-        return verdict(False, f"trial produced a malformed outcome ({type(exc).__name__})")
-
-
-def _interpret(outcome: dict, checked: list[dict] | None, verdict: Any) -> TrialResult:
-    extra = {
-        "stdout": str(outcome.get("stdout", "")),
-        "protections": [str(p) for p in outcome.get("protections", [])],
-    }
-    if outcome.get("fatal"):
-        return verdict(False, str(outcome["fatal"]), **extra)
-    if outcome.get("refusal") and outcome.get("compile_error"):
-        return verdict(False, str(outcome["refusal"]), None, outcome.get("traceback"), **extra)
-    if outcome.get("compile_error"):
-        return verdict(
-            False,
-            f"does not compile: {outcome['compile_error']}",
-            None,
-            outcome.get("traceback"),
-            **extra,
-        )
-    results, reason, trace = _judge(checked, outcome, numbered=checked is not None)
-    if outcome.get("refusal"):
-        reason = str(outcome["refusal"])  # even when the method swallowed the refusal
-    return verdict(reason is None, reason, results, trace, **extra)
-
-
-def _judge(
-    checked: list[dict] | None, outcome: dict, numbered: bool
-) -> tuple[list[ExampleResult], str | None, str | None]:
+        return TrialResult(False, str(exc), [], 0.0, None)
+    if requested is not None:
+        checked.insert(0, {
+            "args": list(requested.get("args", [])),
+            "kwargs": dict(requested.get("kwargs", {})),
+            "has_expect": False,
+            "expect": None,
+            "requested": True,
+        })
     results: list[ExampleResult] = []
     reason = trace = None
-    calls = outcome.get("examples") or []
-    if checked is None:  # the no-argument call, when the method takes none
-        checked = [{"args": [], "kwargs": {}, "expect": None, "has_expect": False}] if calls else []
-    for number, (example, call) in enumerate(zip(checked, calls, strict=False), 1):
-        got = unpack(call.get("got"))
-        error = call.get("error")
+    output: list[str] = []
+    tm = connection.transaction_manager
+    for number, example in enumerate(checked, 1):
+        savepoint = tm.savepoint()
+        invocation = Invocation(
+            pool, timeout=timeout, services=services, overlay={(id(target), selector): source}
+        )
+        got, error, failure_trace = None, None, None
+        try:
+            got = await invocation.call(target, selector, example["args"], example["kwargs"])
+        except MethodFailed as exc:
+            error, failure_trace = f"raised {exc}", exc.traceback or None
+        except Refused as exc:
+            error = f"raised {exc.kind}: {exc}"
+        except CellTimeout:
+            error = f"ran longer than the trial's time limit ({timeout:g} s)"
+        except CellProtocolError as exc:
+            error = f"its cell was stopped: {exc}"
+        except CellFailure as exc:
+            error = str(exc)
+        finally:
+            savepoint.rollback()
+        if invocation.output:
+            output.append(invocation.output)
         ok = error is None and (not example["has_expect"] or same(example["expect"], got))
         if not ok and error is None:
             error = f"expected {_brief(example['expect'])}, got {_brief(got)}"
         results.append(
             ExampleResult(
-                example["args"],
-                example["kwargs"],
-                example["expect"],
-                got,
-                ok,
-                error,
-                example["has_expect"],
+                example["args"], example["kwargs"], example["expect"], got, ok, error,
+                example["has_expect"], example.get("requested", False),
             )
         )
         if not ok and reason is None:
-            prefix = f"example {number}: " if numbered else ""
-            reason, trace = prefix + str(error), call.get("traceback")
-    if reason is None and len(calls) < len(checked):
-        reason = f"example {len(calls) + 1} did not run"
-    return results, reason, trace
-
-
-def _encode(job: dict) -> bytes:
-    import json
-
-    return json.dumps(job, ensure_ascii=True).encode("ascii")
-
-
-async def _run_child(job: bytes, workdir: str, limits: TrialLimits) -> tuple[dict, str | None]:
-    """Run the child; return its parsed outcome or a failure reason."""
-    import json
-
-    env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C.UTF-8"}
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-I",
-        "-S",
-        "-c",
-        _BOOTSTRAP,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        cwd=workdir,
-        env=env,
-        start_new_session=True,
-    )  # its own process group: one kill reaches everything
-    stderr_task = asyncio.ensure_future(_tail(proc.stderr))
-    failure: str | None = None
-    output = b""
-    try:
-        async with asyncio.timeout(limits.wall_seconds):
-            await _feed(proc, job)
-            output, overflow = await _read_bounded(proc.stdout, limits.output_bytes)
-            if overflow:
-                failure = f"output too large (more than {limits.output_bytes} bytes)"
-            else:
-                await proc.wait()
-    except TimeoutError:
-        failure = f"timeout after {float(limits.wall_seconds)} s wall time"
-    finally:
-        if proc.returncode is None:
-            _kill_group(proc.pid)
-            await proc.wait()
-        stderr = await _finish(stderr_task)
-    if failure is not None:
-        return {}, failure
-    code = proc.returncode
-    if code is not None and code < 0:
-        number = -code
-        if number in _SIGNAL_REASONS:
-            return {}, _SIGNAL_REASONS[number]
-        try:
-            name = signal.Signals(number).name
-        except ValueError:
-            name = "unknown signal"
-        return {}, f"crashed with signal {number} ({name})"
-    try:
-        outcome = json.loads(output.decode("ascii"))
-        if code != 0 or not isinstance(outcome, dict):
-            raise ValueError("no outcome")
-    except (ValueError, RecursionError):
-        tail = stderr.decode("utf-8", "replace").strip()[-600:]
-        return {}, f"trial runner failed (exit status {code}){': ' + tail if tail else ''}"
-    return outcome, None
-
-
-async def _feed(proc: asyncio.subprocess.Process, job: bytes) -> None:
-    assert proc.stdin is not None
-    try:
-        proc.stdin.write(job)
-        await proc.stdin.drain()
-        proc.stdin.close()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the child died early; its exit status tells why
-
-
-async def _read_bounded(stream: asyncio.StreamReader | None, limit: int) -> tuple[bytes, bool]:
-    assert stream is not None
-    data = bytearray()
-    while chunk := await stream.read(65536):
-        data += chunk
-        if len(data) > limit:
-            return bytes(data[:limit]), True
-    return bytes(data), False
-
-
-async def _tail(stream: asyncio.StreamReader | None) -> bytes:
-    """Drain a stream, keeping only its end."""
-    assert stream is not None
-    kept = b""
-    while chunk := await stream.read(65536):
-        kept = (kept + chunk)[-_STDERR_TAIL:]
-    return kept
-
-
-async def _finish(task: asyncio.Future) -> bytes:
-    try:
-        return await asyncio.wait_for(task, 1.0)
-    except (TimeoutError, asyncio.CancelledError):
-        return b""
-
-
-def _kill_group(pid: int) -> None:
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def run_trial_sync(*args: Any, **kwargs: Any) -> TrialResult:
-    """:func:`run_trial` for code without an event loop (tests, benchmarks)."""
-    return asyncio.run(run_trial(*args, **kwargs))
+            what = "the requested call" if example.get("requested") else f"example {number}"
+            args = ", ".join([_brief(a, 60) for a in example["args"]]
+                             + [f"{k}={_brief(v, 60)}" for k, v in example["kwargs"].items()])
+            reason, trace = f"{what} {selector}({args}): {error}", failure_trace
+    if not checked:
+        reason = "nothing was run: no call was requested and the reply held no examples"
+    return TrialResult(
+        reason is None,
+        reason,
+        results,
+        round(time.perf_counter() - started, 4),
+        trace,
+        stdout="".join(output)[:16 * 1024],
+        protections=[k for k, v in pool.layers.items() if v.startswith("active")],
+    )

@@ -1,6 +1,6 @@
 """The cognitive cycle through the kernel's Python API, with replay cassettes.
 
-Each test runs a real kernel (real FileStorage, real trial subprocesses) in
+Each test runs a real kernel (real FileStorage, real cells for trials) in
 this process without the bridge; tests/test_kernel_process.py drives a kernel
 process through the bridge and the chat client.
 """
@@ -46,7 +46,7 @@ class Harness:
             "db": str(tmp_path / "live_image.fs"), "zeo": "off", "embedder": "hashing",
             "backend": "replay:" + cassette(tmp_path, lines),
             "metacognition_log": str(tmp_path / "metacognition.jsonl"),
-            "trial_wall_seconds": 3.0, "trial_cpu_seconds": 1.5, "max_attempts": 1,
+            "trial_wall_seconds": 3.0, "max_attempts": 1,
             **settings}, environ={})
         self.kernel: Kernel | None = None
         self.events: list[dict[str, Any]] = []
@@ -131,11 +131,10 @@ def test_brief_grows_a_method_and_returns_its_result(tmp_path):
 
 
 FAILURES = {
-    "covenant": ("""```python
+    "private": ("""```python
 def grow(self):
-    self.size = 1
-    return 1
-```""", "persistence-covenant"),
+    return self._p_jar
+```""", "private-attribute"),
     "raises": ("""```python
 def grow(self):
     return 1 / 0
@@ -202,13 +201,13 @@ def test_bad_methods_fail_with_their_reason_and_install_nothing(tmp_path, case):
 def test_a_failed_attempt_is_retried_with_the_reason(tmp_path):
     bad = """```python
 def grow(self):
+    import os
     self.size = 1
     return self.size
 ```"""
     good = """```python
 def grow(self):
     self.size = 1
-    self._p_changed = True
     return self.size
 ```"""
     harness = Harness(tmp_path, [
@@ -224,7 +223,7 @@ def grow(self):
             assert reply.status == "COMPLETE" and reply.result == 1
             attempts = harness.record(reply.cycle_id)["attempts"]
             assert [a["ok"] for a in attempts] == [False, True]
-            assert "persistence-covenant" in attempts[0]["reason"]
+            assert "import" in attempts[0]["reason"]
             assert harness.read(lambda root: root["genesis_obj"].size) == 1
         finally:
             await harness.stop()

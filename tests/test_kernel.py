@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
 import transaction
 from test_cycle import Harness, run
 
@@ -17,27 +16,27 @@ def install(harness: Harness, selector: str, source: str) -> None:
     conn.close()
 
 
-def test_runaway_methods_are_stopped_and_the_kernel_keeps_serving(tmp_path):
+def test_runaway_methods_are_killed_and_the_kernel_keeps_serving(tmp_path):
     harness = Harness(tmp_path, [], method_timeout=1.0)
 
     async def scenario():
         await harness.start()
         try:
             install(harness, "spin", "def spin(self):\n    while True:\n        pass\n")
-            install(harness, "nap", "def nap(self):\n    import time\n    time.sleep(4)\n")
+            install(harness, "nap", "def nap(self):\n    import time\n    time.sleep(30)\n")
             install(harness, "double", "def double(self, x):\n    return 2 * x\n")
-            started = time.time()
-            reply = await harness.send("spin")
-            assert reply.status == "FAILED" and "was stopped" in reply.error.reason
-            assert time.time() - started < 5
-            stuck = await harness.send("nap")  # C code ignores the stop request
-            assert stuck.status == "FAILED" and "abandoned" in stuck.error.reason
+            for selector in ("spin", "nap"):  # Python loops and C code alike
+                started = time.time()
+                reply = await harness.send(selector)
+                assert reply.status == "FAILED" and reply.error.kind == "method_timeout"
+                assert "method_timeout" in reply.error.reason and "killed" in reply.error.reason
+                assert time.time() - started < 5
             answers = await asyncio.gather(*(harness.send("double", n) for n in range(6)))
             assert [a.result for a in answers] == [0, 2, 4, 6, 8, 10]
-            await asyncio.sleep(2.5)  # the abandoned nap ends; its connection is closed
             open_connections = [c for c in harness.kernel.image.db.connectionDebugInfo()
                                 if c["opened"]]
             assert len(open_connections) == harness.settings.workers
+            assert harness.kernel.cells.replaced >= 2
         finally:
             await harness.stop()
 
@@ -74,35 +73,75 @@ def test_methods_cannot_swallow_the_stop_and_results_are_plain(tmp_path):
                 "        try:\n"
                 "            while True:\n"
                 "                pass\n"
-                "        except Exception:\n"
+                "        except:\n"
                 "            pass\n"))
             install(harness, "me", "def me(self):\n    return self\n")
+            install(harness, "when", "def when(self):\n    import datetime\n"
+                    "    return datetime.date(2026, 12, 1)\n")
             reply = await harness.send("stubborn")
             assert reply.status == "FAILED" and reply.error.kind == "method_timeout"
             mine = await harness.send("me")
             assert mine.status == "COMPLETE" and mine.result is None
             assert mine.result_repr.startswith("<UvmObject oid=")
+            when = await harness.send("when")  # not plain data: its repr, made in the cell
+            assert when.status == "COMPLETE" and when.result is None
+            assert when.result_repr == "datetime.date(2026, 12, 1)"
         finally:
             await harness.stop()
 
     run(scenario())
 
 
-def test_runaway_methods_are_capped():
-    from batos_uvm import deadline
+def test_changes_to_self_are_committed_and_output_is_returned(tmp_path):
+    harness = Harness(tmp_path, [])
 
     async def scenario():
-        started = []
-        for _ in range(deadline.MAX_RUNAWAYS):
-            try:
-                await deadline.run_with_deadline(lambda: __import__("time").sleep(1.5), 0.05,
-                                                 grace=0.05)
-            except deadline.MethodAbandoned:
-                started.append(1)
-        assert len(started) == deadline.MAX_RUNAWAYS
-        with pytest.raises(deadline.MethodTimeout, match="still run"):
-            await deadline.run_with_deadline(lambda: 1, 1.0)
-        await asyncio.sleep(2.0)  # they end; methods run again
-        assert await deadline.run_with_deadline(lambda: 2, 1.0) == 2
+        await harness.start()
+        try:
+            install(harness, "tally", (
+                "def tally(self, item):\n"
+                "    if not hasattr(self, 'items'):\n"
+                "        self.items = []\n"
+                "    self.items.append(item)\n"
+                "    print('now', len(self.items))\n"
+                "    return len(self.items)\n"))
+            install(harness, "fail_after_change", (
+                "def fail_after_change(self):\n"
+                "    self.items = ['lost']\n"
+                "    raise ValueError('no')\n"))
+            first = await harness.send("tally", "a")
+            second = await harness.send("tally", "b")
+            assert (first.result, second.result) == (1, 2)
+            assert second.output == "now 2\n"
+            failed = await harness.send("fail_after_change")
+            assert failed.status == "FAILED" and "ValueError: no" in failed.error.reason
+            assert harness.read(lambda root: list(root["genesis_obj"].items)) == ["a", "b"]
+        finally:
+            await harness.stop()
+        await harness.start()  # and after a restart
+        try:
+            assert (await harness.send("tally", "c")).result == 3
+        finally:
+            await harness.stop()
 
     run(scenario())
+
+
+def test_keywords_starting_with_an_underscore_are_refused(tmp_path):
+    harness = Harness(tmp_path, [])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.kernel.send(
+                "genesis_obj", "clone", [], {"_methods": {}}, _no_progress
+            )
+            assert reply.status == "FAILED" and reply.error.kind == "invalid_arguments"
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+async def _no_progress(event):
+    return None

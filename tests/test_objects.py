@@ -228,23 +228,39 @@ def test_method_change_on_a_prototype_reaches_cached_children(image):
     assert child.v() == "new"
 
 
-def test_methods_run_with_restricted_builtins_not_kernel_globals():
+def test_generated_methods_run_in_a_cell_not_in_this_process():
+    import os
+
     obj = UvmObject()
     obj.install_method(
         "peek", "def peek(self):\n    return sorted(k for k in ('b', 'a'))\n"
     )
     assert obj.peek() == ["a", "b"]
-    function = obj.peek.__func__
-    assert "UvmObject" not in function.__globals__
-    assert "open" not in function.__globals__["__builtins__"]
+    assert not hasattr(obj.peek, "__func__")  # nothing compiled here
+    obj.install_method("pid", "def pid(self):\n    return id(self)\n")
+    assert obj.pid() != id(obj)
+    obj.install_method("who", "def who(self):\n    return repr(self)\n")
+    assert obj.who().startswith("<UvmObject")  # a proxy of the receiver, in another process
+    assert os.getpid() not in (obj.pid(),)
 
 
 def test_install_audits_by_default():
     obj = UvmObject()
     with pytest.raises(GuardianViolation) as info:
-        obj.install_method("grow", "def grow(self):\n    self.size = 1\n")
-    assert info.value.rule == "persistence-covenant"
+        obj.install_method("grow", "def grow(self):\n    import os\n    return 1\n")
+    assert info.value.rule == "import"
     assert "grow" not in obj.methods()
+    obj.install_method("grow", "def grow(self):\n    self.size = 1\n")  # no flag needed
+    obj.grow()
+    assert obj.size == 1
+
+
+def test_slot_names_starting_with_an_underscore_are_refused():
+    proto = UvmObject()
+    with pytest.raises(ValueError, match="belong to the kernel"):
+        proto.clone(_methods={})
+    with pytest.raises(ValueError, match="belong to the kernel"):
+        UvmObject(_label_="x")
 
 
 def test_primitives_are_referenced_by_name_not_stored_as_functions(image):

@@ -1,0 +1,549 @@
+"""What the kernel does while cells run a call: snapshots, handles, requests, diffs.
+
+An :class:`Invocation` is one message sent to a generated method, with every
+call it makes in turn (nested sends run in other cells), all on one ZODB
+connection and in the caller's transaction. Each method execution is a
+:class:`Frame`: the receiver, a table of handles (0 is the receiver; other
+objects are numbered as the frame hands them out, so a cell cannot name an
+object it was not given), and the sources it may ask for.
+
+The kernel applies a method's diff to its receiver's own slots only, after
+checking names and values; a cell's requests are answered from an allow-list
+(read a slot, send a message, clone, describe, the kernel services). Nothing a
+cell sends is trusted beyond plain data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+from persistent.list import PersistentList
+from persistent.mapping import PersistentMapping
+
+from ..objects import RESERVED_SELECTORS, MethodRecord, UvmObject, describe_briefly
+from . import wire
+from .pool import Cell, CellCrashed, CellFailure, CellPool, CellProtocolError, CellTimeout
+
+MAX_DEPTH = 8  # nested sends from generated code
+MAX_OUTPUT = 32 * 1024  # printed text kept per invocation (a cell keeps 16 KiB per call)
+MAX_METHODS_IN_SNAPSHOT = 256  # beyond this, a cell asks for methods by name
+PRIMITIVES_FOR_METHODS = frozenset({"clone", "describe", "catalog.search", "infer"})
+
+
+class Services(Protocol):
+    """Kernel services generated code may use (as ``batos.search`` and ``batos.ask``)."""
+
+    async def search(self, query: str, top_k: int) -> list[dict[str, Any]]: ...
+
+    async def ask(self, persona: str, prompt: str) -> str: ...
+
+
+class NoServices:
+    """Outside a running kernel (the shell, tests): no catalog search, no personas."""
+
+    async def search(self, query: str, top_k: int) -> list[dict[str, Any]]:
+        raise Refused("RuntimeError", "catalog search is available only inside a running kernel")
+
+    async def ask(self, persona: str, prompt: str) -> str:
+        raise Refused("RuntimeError", "asking a persona is available only inside a running kernel")
+
+
+class Refused(Exception):
+    """A request of generated code the kernel does not carry out; goes back as an exception."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class MethodFailed(Exception):
+    """The method raised (in its cell); ``kind`` is the exception's class name."""
+
+    def __init__(self, kind: str, message: str, traceback: str = "") -> None:
+        super().__init__(f"{kind}: {message}")
+        self.kind, self.message, self.traceback = kind, message, traceback
+
+
+def method_key(source: str) -> str:
+    return "m" + hashlib.blake2b(source.encode("utf-8"), digest_size=12).hexdigest()
+
+
+def check_slot_name(name: Any) -> str:
+    """A name generated code may write: raises Refused otherwise."""
+    if type(name) is not str or not name.isidentifier() or keyword.iskeyword(name):
+        raise Refused("AttributeError", f"{name!r} is not a slot name")
+    if name.startswith("_"):
+        raise Refused("AttributeError", f"slot names starting with '_' belong to the kernel: {name!r}")
+    if name == "parents":
+        raise Refused("AttributeError", "parents are read-only to generated methods")
+    if name in RESERVED_SELECTORS:
+        raise Refused("AttributeError", f"{name!r} is an operation of every object, not a slot")
+    if len(name) > 120:
+        raise Refused("AttributeError", f"slot name of {len(name)} characters (at most 120)")
+    return name
+
+
+class Frame:
+    """One method execution in one cell: its receiver and its handle table."""
+
+    def __init__(self, invocation: Invocation, receiver: UvmObject) -> None:
+        self.invocation = invocation
+        self.receiver = receiver
+        self.objects: list[Any] = [receiver]
+        self.numbers: dict[int, int] = {id(receiver): 0}
+        self.sources: dict[str, str] = {}
+        self.fresh_names: dict[int, str] = {}
+        self.seen_version = invocation.version(receiver)
+
+    # -- handles -------------------------------------------------------------------------
+    def handle(self, obj: UvmObject) -> wire.Handle:
+        number = self.numbers.get(id(obj))
+        if number is None:
+            number = self.numbers[id(obj)] = len(self.objects)
+            self.objects.append(obj)
+            self.fresh_names[number] = describe_briefly(obj)
+        return wire.Handle(number)
+
+    def resolve(self, value: Any) -> UvmObject:
+        if type(value) is not wire.Handle:
+            raise Refused("TypeError", "expected an object")
+        if not 0 <= value.number < len(self.objects):
+            raise Refused("LookupError", f"handle {value.number} was never given to this method")
+        return self.objects[value.number]
+
+    def names(self) -> dict[str, str]:
+        """Labels of handles given out since the last message (for reprs in the cell)."""
+        fresh, self.fresh_names = self.fresh_names, {}
+        return {str(number): label for number, label in fresh.items()}
+
+    # -- values ----------------------------------------------------------------------------
+    def outward(self, obj: Any) -> Any:
+        """Stand-in for what is not plain data, on its way into a cell (an encode fallback)."""
+        if isinstance(obj, UvmObject):
+            return self.handle(obj)
+        kind = type(obj)
+        if kind is PersistentMapping:
+            return wire.prepare(dict(obj.data))
+        if kind is PersistentList:
+            return wire.prepare(list(obj.data))
+        return wire.Opaque(wire.type_name(obj))
+
+    def inward(self, value: Any, *, for_slot: bool) -> Any:
+        """Plain data from a cell, with handles resolved; what a slot may not hold refused."""
+        kind = type(value)
+        if kind is wire.Handle:
+            return self.resolve(value)
+        if kind is wire.Opaque or kind is wire.ReprText:
+            if for_slot:
+                raise Refused("TypeError", f"cannot keep {value!r} in a slot: it is not plain data")
+            return value
+        if kind is list:
+            return [self.inward(v, for_slot=for_slot) for v in value]
+        if kind is dict:
+            return {k: self.inward(v, for_slot=for_slot) for k, v in value.items()}
+        if kind is tuple:
+            return tuple(self.inward(v, for_slot=for_slot) for v in value)
+        if kind in (set, frozenset):
+            for v in value:
+                if type(v) is wire.Handle or (for_slot and type(v) in (wire.Opaque, wire.ReprText)):
+                    raise Refused("TypeError", "sets of objects cannot cross a cell boundary")
+        return value
+
+    # -- what the cell sees of its receiver ---------------------------------------------------
+    def snapshot(self) -> dict[str, Any]:
+        receiver = self.receiver
+        slots: dict[str, Any] = {}
+        methods: dict[str, str] = {}
+        count = 0
+        for owner in receiver.ancestors():
+            for name in owner.slot_names():
+                if name != "parents" and name not in slots:
+                    slots[name] = owner._slots[name]
+            table = owner.methods()
+            count += len(table)
+            if count <= MAX_METHODS_IN_SNAPSHOT:
+                for selector, record in table.items():
+                    if selector not in methods:
+                        methods[selector] = self.key_for(record)
+        for (target_id, selector), source in self.invocation.overlay.items():
+            if target_id == id(receiver):
+                methods[selector] = self.keep_source(source)
+        own = [name for name in receiver.slot_names() if name != "parents"]
+        parents = receiver._slots.get("parents") or ()
+        return {
+            "label": describe_briefly(receiver),
+            "slots": slots,
+            "own": own,
+            "parents": [self.handle(p) for p in parents if isinstance(p, UvmObject)],
+            "methods": methods,
+            "complete": count <= MAX_METHODS_IN_SNAPSHOT,
+        }
+
+    def key_for(self, record: MethodRecord) -> str:
+        if record.primitive:
+            return "primitive"
+        return self.keep_source(record.source or "")
+
+    def keep_source(self, source: str) -> str:
+        key = method_key(source)
+        self.sources[key] = source
+        return key
+
+    def encode(self, message: dict[str, Any]) -> bytes:
+        return wire.encode(message, self.outward)
+
+
+class Invocation:
+    """One message to a generated method and everything it sends in turn."""
+
+    def __init__(
+        self,
+        pool: CellPool,
+        *,
+        timeout: float,
+        services: Services | None = None,
+        overlay: dict[tuple[int, str], str] | None = None,
+        progress: Callable[[str], Awaitable[None]] | None = None,
+    ) -> None:
+        self.pool = pool
+        self.timeout = timeout
+        self.time_left = timeout  # cell time: waiting on kernel services does not count
+        self.wall_deadline = time.monotonic() + max(timeout * 20, 600.0)
+        self.services = services or NoServices()
+        self.overlay = dict(overlay or {})  # (id(object), selector) -> source: a trial's candidate
+        self.output_parts: list[str] = []
+        self.output_size = 0
+        self._versions: dict[int, int] = {}
+        self._ids = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------
+    @property
+    def output(self) -> str:
+        return "".join(self.output_parts)
+
+    def _keep_output(self, text: Any) -> None:
+        if not isinstance(text, str) or not text or self.output_size > MAX_OUTPUT:
+            return
+        room = MAX_OUTPUT - self.output_size
+        if len(text) > room:
+            text = text[:room] + "\n... (more output of nested calls not kept)"
+        self.output_parts.append(text)
+        self.output_size += len(text)
+
+    def version(self, obj: Any) -> int:
+        return self._versions.get(id(obj), 0)
+
+    def _changed(self, obj: Any) -> None:
+        self._versions[id(obj)] = self.version(obj) + 1
+
+    def _next_id(self) -> int:
+        self._ids += 1
+        return self._ids
+
+    # -- finding what answers a selector -------------------------------------------------------
+    def find(self, obj: UvmObject, selector: str) -> tuple[str, Any]:
+        """("source", (source, key)), ("primitive", record), ("slot", value) or ("none", None)."""
+        source = self.overlay.get((id(obj), selector))
+        if source is not None:
+            return "source", source
+        found = obj.lookup(selector)
+        if found is None:
+            return "none", None
+        if not found.is_method:
+            return "slot", found.value
+        record: MethodRecord = found.value
+        if record.primitive:
+            return "primitive", record
+        return "source", record.source or ""
+
+    # -- running methods -------------------------------------------------------------------
+    async def call(
+        self, receiver: UvmObject, selector: str, args: list[Any], kwargs: dict[str, Any]
+    ) -> Any:
+        """Run the generated method ``selector`` of ``receiver`` (the caller looked it up)."""
+        kind, source = self.find(receiver, selector)
+        if kind != "source":
+            raise Refused("TypeError", f"{selector!r} of {describe_briefly(receiver)} is not a "
+                          "generated method")
+        return await self.run(receiver, selector, source, list(args), dict(kwargs), depth=0)
+
+    async def run(
+        self,
+        receiver: UvmObject,
+        selector: str,
+        source: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        depth: int,
+    ) -> Any:
+        if depth > MAX_DEPTH:
+            raise Refused("RecursionError", f"sends between methods nest more than {MAX_DEPTH} deep")
+        for attempt in (1, 2):
+            frame = Frame(self, receiver)
+            cell = await self.pool.acquire(nested=depth > 0)
+            heard = [False]
+            try:
+                return await self._run_in(cell, frame, selector, source, args, kwargs, depth, heard)
+            except CellCrashed:
+                # A cell that died while idle (killed, OOM) never saw this call: nothing
+                # was applied or asked, so the call runs once more on a fresh cell.
+                if attempt == 2 or heard[0]:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _run_in(
+        self,
+        cell: Cell,
+        frame: Frame,
+        selector: str,
+        source: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        depth: int,
+        heard: list[bool],
+    ) -> Any:
+        key = frame.keep_source(source)
+        healthy = False
+        try:
+            message = {
+                "op": "call",
+                "id": self._next_id(),
+                "selector": selector,
+                "key": key,
+                "source": None if key in cell.known else source,
+                "self": frame.snapshot(),
+                "args": args,
+                "kwargs": kwargs,
+            }
+            message["names"] = frame.names()
+            await cell.send_bytes(frame.encode(message))
+            cell.known.add(key)
+            while True:
+                reply = await self._receive(cell)
+                heard[0] = True
+                op = reply.get("op")
+                if op == "done":
+                    break
+                if op == "need_source":
+                    message["source"] = source
+                    await cell.send_bytes(frame.encode(message))
+                elif op == "request":
+                    answer = await self._serve(frame, reply, depth)
+                    await cell.send_bytes(frame.encode(answer))
+                else:
+                    raise CellProtocolError(f"the cell sent an unexpected {op!r}")
+            self._keep_output(reply.get("output"))
+            healthy = not reply.get("retire")
+            error = reply.get("error")
+            if error is not None:
+                raise _method_failed(error)
+            self._apply(frame, reply.get("diff"))
+            return frame.inward(reply.get("value"), for_slot=False)
+        except CellTimeout:
+            raise CellTimeout(
+                f"{selector}() of {describe_briefly(frame.receiver)} ran longer than its time "
+                f"limit ({self.timeout:g} s, method_timeout); its cell was killed"
+            ) from None
+        finally:
+            if healthy:
+                self.pool.release(cell)
+            else:
+                self.pool.discard(cell)
+
+    async def _receive(self, cell: Any) -> dict[str, Any]:
+        if time.monotonic() > self.wall_deadline:
+            raise CellTimeout("wall time")
+        started = time.monotonic()
+        try:
+            return await cell.receive(self.time_left)
+        finally:
+            self.time_left -= time.monotonic() - started
+
+    # -- a cell's requests ---------------------------------------------------------------------
+    async def _serve(self, frame: Frame, request: dict[str, Any], depth: int) -> dict[str, Any]:
+        answer: dict[str, Any] = {"op": "reply", "id": request.get("id")}
+        try:
+            self._apply(frame, request.get("diff"))
+            answer["value"] = await self._answer(frame, request, depth)
+        except Refused as exc:
+            answer["error"] = {"type": exc.kind, "message": str(exc)}
+        except MethodFailed as exc:
+            answer["error"] = {"type": exc.kind, "message": exc.message}
+        except (CellTimeout, CellProtocolError):
+            raise  # the whole call stops
+        except CellFailure as exc:  # a nested cell died: the caller may handle it
+            answer["error"] = {"type": "RuntimeError", "message": str(exc)}
+        if self.version(frame.receiver) != frame.seen_version:
+            answer["self"] = frame.snapshot()  # a nested call changed our receiver
+            frame.seen_version = self.version(frame.receiver)
+        answer["names"] = frame.names()
+        return answer
+
+    async def _answer(self, frame: Frame, request: dict[str, Any], depth: int) -> Any:
+        kind = request.get("kind")
+        if kind == "get":
+            target = frame.resolve(request.get("target"))
+            name = _public(request.get("name"), target)
+            what, value = self.find(target, name)
+            if what == "none":
+                raise Refused("AttributeError", f"{describe_briefly(target)} has no slot or "
+                              f"method {name!r}")
+            return {"method": True} if what in ("source", "primitive") else {"value": value}
+        if kind == "send":
+            target = frame.resolve(request.get("target"))
+            return await self.send(
+                frame, target, request.get("selector"), request.get("args"),
+                request.get("kwargs"), depth,
+            )
+        if kind == "clone":
+            return frame.receiver.clone(**self._slots_for_clone(frame, request.get("slots")))
+        if kind == "lookup":
+            name = _public(request.get("name"), frame.receiver)
+            what, value = self.find(frame.receiver, name)
+            if what == "source":
+                return {"key": frame.keep_source(value)}
+            if what == "primitive":
+                return {"key": "primitive"}
+            return {"key": None}
+        if kind == "source":
+            source = frame.sources.get(request.get("key"))
+            if source is None:
+                raise Refused("LookupError", "no such method source was offered to this method")
+            return source
+        if kind == "describe":
+            return frame.resolve(request.get("target")).describe()
+        if kind == "service":
+            return await self._service(request.get("name"), request.get("args"))
+        raise Refused("RuntimeError", f"unknown request {kind!r}")
+
+    async def send(
+        self, frame: Frame, target: UvmObject, selector: Any, args: Any, kwargs: Any, depth: int
+    ) -> Any:
+        """A message from generated code to an object: the kernel performs it."""
+        selector = _public(selector, target)
+        if type(args) is not list or type(kwargs) is not dict:
+            raise Refused("TypeError", "a send needs a list of arguments and a dict of keywords")
+        for name in kwargs:
+            if type(name) is not str or name.startswith("_"):
+                raise Refused("TypeError", f"keyword {name!r}: names starting with '_' are "
+                              "reserved for the kernel")
+        args = frame.inward(args, for_slot=False)
+        kwargs = frame.inward(kwargs, for_slot=False)
+        what, value = self.find(target, selector)
+        if what == "none":
+            raise Refused(
+                "AttributeError",
+                f"{describe_briefly(target)} does not understand {selector!r} (a method cannot "
+                "start a cognitive cycle; send the brief from a client)",
+            )
+        if what == "slot":
+            if args or kwargs:
+                raise Refused("TypeError", f"slot {selector!r} is not callable")
+            return value
+        if what == "primitive":
+            return await self._primitive(frame, target, value, args, kwargs)
+        return await self.run(target, selector, value, args, kwargs, depth + 1)
+
+    async def _primitive(
+        self, frame: Frame, target: UvmObject, record: MethodRecord, args: list, kwargs: dict
+    ) -> Any:
+        name = record.primitive
+        if record.author != "kernel" or name not in PRIMITIVES_FOR_METHODS:
+            raise Refused("PermissionError", f"{record.selector!r} is kernel behaviour that "
+                          "generated methods cannot call")
+        if name == "clone":
+            if args:
+                raise Refused("TypeError", "clone takes slots as keywords only")
+            return target.clone(**self._slots_for_clone(frame, kwargs))
+        if name == "describe":
+            return target.describe()
+        if name == "catalog.search":
+            query, top_k = (list(args) + [None, 5])[:2] if args else (kwargs.get("query"), 5)
+            return await self._service("search", [query, kwargs.get("top_k", top_k)])
+        persona = target._slots.get("name") if "name" in target._slots else "ALFRED"
+        prompt = args[0] if args else kwargs.get("prompt")
+        return await self._service("ask", [persona, prompt])
+
+    async def _service(self, name: Any, args: Any) -> Any:
+        if type(args) is not list:
+            raise Refused("TypeError", "service arguments must be a list")
+        paused = time.monotonic()
+        try:
+            if name == "search" and len(args) == 2:
+                return await self.services.search(str(args[0]), max(1, min(int(args[1]), 50)))
+            if name == "ask" and len(args) == 2:
+                return await self.services.ask(str(args[0]).upper(), str(args[1]))
+        finally:
+            self.time_left += time.monotonic() - paused  # services do not use the method's time
+        raise Refused("RuntimeError", f"unknown kernel service {name!r}")
+
+    def _slots_for_clone(self, frame: Frame, slots: Any) -> dict[str, Any]:
+        if type(slots) is not dict:
+            raise Refused("TypeError", "clone takes slots as keywords")
+        return {check_slot_name(k): frame.inward(v, for_slot=True) for k, v in slots.items()}
+
+    # -- a method's changes to its receiver --------------------------------------------------
+    def _apply(self, frame: Frame, diff: Any) -> None:
+        if not diff:
+            return
+        if type(diff) is not dict:
+            raise CellProtocolError("a diff must be a map")
+        changes, deletions = diff.get("set") or {}, diff.get("delete") or []
+        if type(changes) is not dict or type(deletions) is not list:
+            raise CellProtocolError("a malformed diff")
+        receiver = frame.receiver
+        values = {check_slot_name(n): frame.inward(v, for_slot=True) for n, v in changes.items()}
+        own = set(receiver.slot_names())
+        for name in deletions:
+            check_slot_name(name)
+            if name not in own and name not in values:
+                raise Refused("AttributeError", f"{describe_briefly(receiver)} has no slot "
+                              f"{name!r} of its own to delete")
+        if not values and not deletions:
+            return
+        for name, value in values.items():
+            setattr(receiver, name, value)
+        for name in deletions:
+            if name in receiver.slot_names():
+                delattr(receiver, name)
+        self._changed(receiver)
+        frame.seen_version = self.version(receiver)
+
+
+def _public(selector: Any, target: Any) -> str:
+    if type(selector) is not str or not selector.isidentifier() or selector.startswith("_"):
+        raise Refused("AttributeError", f"{describe_briefly(target)} does not understand "
+                      f"{selector!r}")
+    return selector
+
+
+def _method_failed(error: Any) -> MethodFailed:
+    if type(error) is not dict:
+        return MethodFailed("RuntimeError", "the method failed")
+    return MethodFailed(
+        str(error.get("type", "Exception"))[:100],
+        str(error.get("message", ""))[:2000],
+        str(error.get("traceback", ""))[:4000],
+    )
+
+
+def is_generated(found: Any) -> bool:
+    """Whether a lookup result is a generated method (it runs in a cell)."""
+    return bool(found is not None and found.is_method and not found.value.primitive)
+
+
+__all__ = [
+    "Frame",
+    "Invocation",
+    "MethodFailed",
+    "NoServices",
+    "Refused",
+    "Services",
+    "check_slot_name",
+    "is_generated",
+    "method_key",
+]
