@@ -22,7 +22,7 @@ import ZODB.FileStorage
 
 from batos_uvm.cells import wire
 from batos_uvm.cells.invocation import Invocation, MethodFailed, Refused
-from batos_uvm.cells.pool import CellConfig, CellCrashed, CellPool, CellTimeout
+from batos_uvm.cells.pool import CellConfig, CellCrashed, CellFailure, CellPool, CellTimeout
 from batos_uvm.cells.sandbox import LAYERS, landlock_abi
 from batos_uvm.objects import UvmObject
 
@@ -57,7 +57,7 @@ def outcome(source: str, *args, **kwargs):
         return run(in_cell(source, *args, **kwargs))
     except MethodFailed as exc:
         return (exc.kind, exc.message)
-    except (CellTimeout, CellCrashed, Refused) as exc:
+    except (CellFailure, Refused) as exc:
         return (type(exc).__name__, str(exc))
 
 
@@ -461,3 +461,55 @@ def test_names_of_layers_match_the_docs() -> None:
     docs = (Path(__file__).parents[1] / "docs" / "CELLS.md").read_text()
     for name in LAYERS:
         assert f"`{name}`" in docs
+
+
+# -- a subverted cell: what the kernel accepts when the code inside escaped everything ------
+SUBVERTED = """
+def probe(self, what):
+    import sys
+    runtime = sys.modules["batos_uvm.cells.runtime"]
+    wire = sys.modules["batos_uvm.cells.wire"]
+    call = runtime._active()
+    if what == "forged handle":
+        return call.request("send", target=wire.Handle(99), selector="describe",
+                            args=[], kwargs={})
+    if what == "private slot":
+        return call.cell.ask({"op": "request", "kind": "describe", "target": wire.Handle(0),
+                              "diff": {"set": {"_methods": {"x": 1}}, "delete": []}})
+    if what == "write parents":
+        return call.cell.ask({"op": "request", "kind": "describe", "target": wire.Handle(0),
+                              "diff": {"set": {"parents": []}, "delete": []}})
+    if what == "kernel primitive":
+        return call.request("send", target=wire.Handle(1), selector="doesNotUnderstand",
+                            args=["x", [], {}], kwargs={})
+    if what == "huge frame":
+        import os
+        os.write(call.cell.channel.fd, (2**31 - 1).to_bytes(4, "big"))
+        return call.cell.channel.receive()
+    if what == "unknown type":
+        import os
+        payload = bytes([0xd4, 99, 0])  # an extension type the kernel does not know
+        os.write(call.cell.channel.fd, len(payload).to_bytes(4, "big") + payload)
+        return call.cell.channel.receive()
+"""
+
+
+@pytest.mark.parametrize(
+    "what, expected",
+    [
+        ("forged handle", "never given to this method"),
+        ("private slot", "belong to the kernel"),
+        ("write parents", "parents are read-only"),
+        ("kernel primitive", "cannot call"),
+        ("huge frame", "the limit is"),
+        ("unknown type", "unknown extension type"),
+    ],
+)
+def test_a_subverted_cell_cannot_forge_or_overstep(image, what: str, expected: str) -> None:
+    proto = UvmObject(label="proto")
+    proto.install_primitive("doesNotUnderstand", "doesNotUnderstand")
+    obj = proto.clone(level=1)
+    image.root()["obj"] = obj
+    result = outcome(SUBVERTED, what, receiver=obj, unrestricted=True)
+    assert expected in str(result), result
+    assert obj.level == 1 and obj.parents == [proto] and "_methods" not in obj.__dict__
