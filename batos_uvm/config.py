@@ -7,11 +7,14 @@ Per-persona cognition lives under ``[personas.NAME]`` in the TOML file.
 
 from __future__ import annotations
 
+import logging
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("batos.config")
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 PERSONAS = ("ALFRED", "BRICK", "ROBIN", "BABS")
@@ -69,6 +72,13 @@ class Settings:
 
 _SIMPLE = {f.name: f for f in fields(Settings) if f.name != "personas"}
 
+# Settings of earlier versions that no longer do anything: accepted with a warning,
+# so an upgrade does not stop a kernel at start over a leftover line.
+OBSOLETE = {
+    "trial_cpu_seconds": "trials run in cells with the cells' limits (trial_wall_seconds)",
+    "trial_memory_mb": "trials run in cells with cell_memory_mb",
+}
+
 
 def _coerce(name: str, value: Any) -> Any:
     kind = type(getattr(Settings(), name))
@@ -102,6 +112,10 @@ def load_settings(
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from None
         for key, value in data.get("kernel", {}).items():
+            if key in OBSOLETE:
+                log.warning("%s: setting [kernel] %s no longer has an effect (%s); remove it",
+                            path, key, OBSOLETE[key])
+                continue
             if key not in _SIMPLE:
                 raise ConfigError(f"{path}: unknown setting [kernel] {key}")
             setattr(settings, key, _coerce(key, value))

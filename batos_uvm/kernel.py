@@ -31,7 +31,7 @@ from .audit import AuditTrail
 from .awakening import awaken
 from .cells.invocation import Invocation, MethodFailed, Refused, is_generated
 from .cells.pool import CellConfig, CellFailure, CellPool, CellTimeout
-from .cells.wire import ReprText
+from .cells.wire import Limits, ReprText
 from .cognition import Cognition
 from .config import PERSONAS, Settings
 from .cycle import (
@@ -97,7 +97,11 @@ class Kernel:
 
         self.loop = asyncio.get_running_loop()
         self.cells.warm()  # cells start in the background while the image opens
-        self.image = await asyncio.to_thread(open_image, self.settings)
+        try:
+            self.image = await asyncio.to_thread(open_image, self.settings)
+        except BaseException:
+            await self.cells.close()  # no cell outlives a kernel that could not start
+            raise
         self.embedder = default_embedder(self.settings.embedder)
         await asyncio.to_thread(self._awaken)
         self._register_primitives()
@@ -163,7 +167,14 @@ class Kernel:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
-        await self.start()
+        try:
+            await self.start()
+        except BaseException:
+            try:  # release what did start: cells, the image, its lock
+                await self.stop()
+            except Exception:  # the start failure is what the user must see
+                log.debug("cleaning up after a failed start failed", exc_info=True)
+            raise
         print(
             f"BAT OS kernel ready: bridge {self.bridge.endpoint}, image {self.image.description}",
             flush=True,
@@ -625,10 +636,14 @@ def _completed(
 
 def cell_config(settings: Settings) -> CellConfig:
     """How this kernel's cells are contained (settings documented in docs/CELLS.md)."""
+    # A cell may answer more than a client may send, so that a method returning
+    # (or storing) its caller's argument never fails on a limit the argument alone set.
+    frame = max(4 * 2**20, 2 * settings.max_message_bytes + 64 * 1024)
     return CellConfig(
         memory_bytes=settings.cell_memory_mb * 2**20,
         cpu_per_call=max(settings.method_timeout, settings.trial_wall_seconds) + 1,
         max_calls=settings.cell_max_calls,
+        limits=Limits(max_bytes=frame),
     )
 
 

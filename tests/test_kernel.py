@@ -145,3 +145,20 @@ def test_keywords_starting_with_an_underscore_are_refused(tmp_path):
 
 async def _no_progress(event):
     return None
+
+
+def test_settings_of_earlier_versions_are_accepted_with_a_warning(tmp_path, caplog):
+    from batos_uvm.config import ConfigError, load_settings
+
+    config = tmp_path / "batos.toml"
+    config.write_text("[kernel]\ntrial_cpu_seconds = 2.0\ncell_memory_mb = 256\n")
+    settings = load_settings(str(config), environ={})
+    assert settings.cell_memory_mb == 256
+    assert "trial_cpu_seconds no longer has an effect" in caplog.text
+    config.write_text("[kernel]\ncell_memory_mb = 16\n")
+    try:
+        load_settings(str(config), environ={})
+    except ConfigError as exc:
+        assert "at least 64" in str(exc)
+    else:
+        raise AssertionError("a cell of 16 MiB was accepted")

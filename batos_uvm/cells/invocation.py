@@ -18,6 +18,8 @@ from __future__ import annotations
 import hashlib
 import keyword
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -29,6 +31,7 @@ from . import wire
 from .pool import Cell, CellCrashed, CellFailure, CellPool, CellProtocolError, CellTimeout
 
 MAX_DEPTH = 8  # nested sends from generated code
+ATTEMPTS_ON_DEAD_CELLS = 3  # a call that reached only cells dead before it began
 MAX_OUTPUT = 32 * 1024  # printed text kept per invocation (a cell keeps 16 KiB per call)
 MAX_METHODS_IN_SNAPSHOT = 256  # beyond this, a cell asks for methods by name
 PRIMITIVES_FOR_METHODS = frozenset({"clone", "describe", "catalog.search", "infer"})
@@ -85,6 +88,23 @@ def check_slot_name(name: Any) -> str:
     if len(name) > 120:
         raise Refused("AttributeError", f"slot name of {len(name)} characters (at most 120)")
     return name
+
+
+# Snapshots by the state of the receiver's chain: (id, oid, serial) of every object
+# in it. Slot values stay the live objects (encoded at each call); what is kept
+# is which names answer with which value and which method, until a chain object
+# is written (then it is marked changed, and gets a new serial when committed).
+_snapshots: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()
+SNAPSHOTS_KEPT = 1024
+
+
+def _chain_key(chain: list[UvmObject]) -> tuple[Any, ...] | None:
+    key = []
+    for obj in chain:
+        if obj._p_oid is None or obj._p_changed:
+            return None  # new or changed in this transaction: build it afresh
+        key.append((id(obj), obj._p_oid, obj._p_serial))
+    return tuple(key)
 
 
 class Frame:
@@ -156,10 +176,23 @@ class Frame:
     # -- what the cell sees of its receiver ---------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
         receiver = self.receiver
+        chain = list(receiver.ancestors())
+        overlaid = any(target == id(receiver) for target, _ in self.invocation.overlay)
+        key = None if overlaid else _chain_key(chain)
+        cached = _snapshots.get(key) if key is not None else None
+        if cached is not None and all(
+            ref() is obj for ref, obj in zip(cached[3], chain, strict=True)
+        ):
+            _snapshots.move_to_end(key)
+            snapshot, sources, parents, _ = cached
+            for parent in parents:  # the same handle numbers as when it was built
+                self.handle(parent)
+            self.sources.update(sources)
+            return snapshot
         slots: dict[str, Any] = {}
         methods: dict[str, str] = {}
         count = 0
-        for owner in receiver.ancestors():
+        for owner in chain:
             for name in owner.slot_names():
                 if name != "parents" and name not in slots:
                     slots[name] = owner._slots[name]
@@ -173,15 +206,21 @@ class Frame:
             if target_id == id(receiver):
                 methods[selector] = self.keep_source(source)
         own = [name for name in receiver.slot_names() if name != "parents"]
-        parents = receiver._slots.get("parents") or ()
-        return {
+        parents = tuple(p for p in receiver._slots.get("parents") or () if isinstance(p, UvmObject))
+        snapshot = {
             "label": describe_briefly(receiver),
             "slots": slots,
             "own": own,
-            "parents": [self.handle(p) for p in parents if isinstance(p, UvmObject)],
+            "parents": [self.handle(p) for p in parents],
             "methods": methods,
             "complete": count <= MAX_METHODS_IN_SNAPSHOT,
         }
+        if key is not None:
+            refs = tuple(weakref.ref(obj) for obj in chain)  # the very objects, not look-alikes
+            _snapshots[key] = (snapshot, dict(self.sources), parents, refs)
+            if len(_snapshots) > SNAPSHOTS_KEPT:
+                _snapshots.popitem(last=False)
+        return snapshot
 
     def key_for(self, record: MethodRecord) -> str:
         if record.primitive:
@@ -282,7 +321,7 @@ class Invocation:
     ) -> Any:
         if depth > MAX_DEPTH:
             raise Refused("RecursionError", f"sends between methods nest more than {MAX_DEPTH} deep")
-        for attempt in (1, 2):
+        for attempt in range(1, ATTEMPTS_ON_DEAD_CELLS + 1):
             frame = Frame(self, receiver)
             cell = await self.pool.acquire(nested=depth > 0)
             heard = [False]
@@ -290,8 +329,8 @@ class Invocation:
                 return await self._run_in(cell, frame, selector, source, args, kwargs, depth, heard)
             except CellCrashed:
                 # A cell that died while idle (killed, OOM) never saw this call: nothing
-                # was applied or asked, so the call runs once more on a fresh cell.
-                if attempt == 2 or heard[0]:
+                # was applied or asked, so the call runs again on another cell.
+                if attempt == ATTEMPTS_ON_DEAD_CELLS or heard[0]:
                     raise
         raise AssertionError("unreachable")
 

@@ -189,6 +189,15 @@ class Cell:
         tail = self._stderr.decode("utf-8", "replace").strip().splitlines()[-3:]
         return f"the cell exited with status {code}" + (f": {' / '.join(tail)}" if tail else "")
 
+    @property
+    def alive(self) -> bool:
+        """As far as the kernel can tell without waiting: not exited, socket open."""
+        return (
+            self.proc.returncode is None
+            and not self.reader.at_eof()
+            and not self.writer.transport.is_closing()
+        )
+
     def kill(self) -> None:
         if self.proc.returncode is None:
             try:
@@ -322,7 +331,11 @@ class CellPool:
         task.add_done_callback(self._tasks.discard)
 
     async def close(self) -> None:
-        """Kill every cell, also those starting or closing, and wait until they are gone."""
+        """Kill every cell, also those starting or closing, and wait until they are gone.
+
+        Cells still starting finish starting and are killed then: cancelling a
+        start half-way could leave a process nobody waits for.
+        """
         self._closed = True
         cells = [*self._idle, *self._busy]
         self._idle.clear()
@@ -340,7 +353,7 @@ class CellPool:
                 raise CellFailure("the kernel is shutting down")
             while self._idle:
                 cell = self._idle.pop()
-                if cell.proc.returncode is None:
+                if cell.alive:
                     self._busy.add(cell)
                     self.warm()
                     return cell
@@ -366,7 +379,7 @@ class CellPool:
         """Give back a cell that finished its call normally."""
         self._busy.discard(cell)
         cell.calls += 1
-        if self._closed or cell.proc.returncode is not None or cell.calls >= self.config.max_calls:
+        if self._closed or not cell.alive or cell.calls >= self.config.max_calls:
             self.discard(cell)
             return
         if self._total() >= self.size:
