@@ -534,6 +534,8 @@ class Invocation:
         changes, deletions = diff.get("set") or {}, diff.get("delete") or []
         if type(changes) is not dict or type(deletions) is not list:
             raise CellProtocolError("a malformed diff")
+        if not changes and not deletions:
+            return
         receiver = frame.receiver
         values = {check_slot_name(n): frame.inward(v, for_slot=True) for n, v in changes.items()}
         own = set(receiver.slot_names())

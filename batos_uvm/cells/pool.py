@@ -282,7 +282,7 @@ class CellPool:
         self._idle: list[Cell] = []
         self._busy: set[Cell] = set()
         self._starting = 0
-        self._released = asyncio.Condition()
+        self._waiters: list[asyncio.Future[None]] = []  # acquires waiting for a cell
         self._tasks: set[asyncio.Future[Any]] = set()  # starting and closing cells
         self._closed = False
         self.layers: dict[str, str] = {}
@@ -301,6 +301,7 @@ class CellPool:
             cell = await self._start()
         except Exception as exc:  # noqa: BLE001 - reported; the next acquire tries again
             log.error("a cell could not be started: %s", exc)
+            self._wake()  # a waiting acquire starts one itself and sees the error
             return
         finally:
             self._starting -= 1
@@ -308,8 +309,7 @@ class CellPool:
             await cell.close()
             return
         self._idle.append(cell)
-        async with self._released:
-            self._released.notify()
+        self._wake()
 
     async def _start(self) -> Cell:
         cell = await start_cell(self.config)
@@ -337,6 +337,9 @@ class CellPool:
         start half-way could leave a process nobody waits for.
         """
         self._closed = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)  # they see the pool is closed
         cells = [*self._idle, *self._busy]
         self._idle.clear()
         self._busy.clear()
@@ -372,8 +375,13 @@ class CellPool:
                 raise CellFailure(
                     f"{self.max_cells} cells are busy with nested calls; the call chain is too deep"
                 )
-            async with self._released:
-                await self._released.wait()
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
 
     def release(self, cell: Cell) -> None:
         """Give back a cell that finished its call normally."""
@@ -386,7 +394,7 @@ class CellPool:
             self._background(cell.close())  # an extra for nested calls: not kept warm
         else:
             self._idle.append(cell)
-        self._background(self._notify())
+        self._wake()
 
     def discard(self, cell: Cell) -> None:
         """Kill a cell that failed (or is done) and start its replacement."""
@@ -394,14 +402,18 @@ class CellPool:
         self.replaced += 1
         self._background(cell.close())
         self.warm()
-        self._background(self._notify())
+        self._wake()
 
     def _total(self) -> int:
         return len(self._idle) + len(self._busy) + self._starting
 
-    async def _notify(self) -> None:
-        async with self._released:
-            self._released.notify()
+    def _wake(self) -> None:
+        """Let one waiting acquire look again (a cell was given back or started)."""
+        while self._waiters:
+            waiter = self._waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def describe(self) -> dict[str, Any]:
         return {

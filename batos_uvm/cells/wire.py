@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Handle",
+    "Decoder",
     "Limits",
     "Opaque",
     "ReprText",
@@ -230,29 +231,46 @@ def _with_pairs(value: Any, depth: int = 0) -> Any:
 
 
 # -- decoding -------------------------------------------------------------------------
-def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
-    """The value ``data`` encodes, or WireError when it is malformed or over a limit."""
-    if len(data) > limits.max_bytes:
-        raise WireError(f"{len(data)} bytes; the limit is {limits.max_bytes}")
-    depth = [0]
-    problems: list[WireError] = []
+class Decoder:
+    """Decodes with one set of limits; reusable, for one thread at a time."""
 
-    def ext(tag: int, body: bytes) -> Any:
+    __slots__ = ("limits", "_depth", "_problem", "_hook")
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self._depth = 0
+        self._problem: WireError | None = None
+        self._hook = self._ext
+
+    def __call__(self, data: bytes) -> Any:
+        limits = self.limits
+        if len(data) > limits.max_bytes:
+            raise WireError(f"{len(data)} bytes; the limit is {limits.max_bytes}")
+        self._depth, self._problem = 0, None
         try:
-            return convert(tag, body)
+            return ormsgpack.unpackb(data, ext_hook=self._hook)
+        except (ValueError, TypeError, RecursionError, MemoryError) as exc:
+            if self._problem is not None:
+                raise self._problem from None
+            raise WireError(f"not valid plain data: {exc}") from None
+
+    def _ext(self, tag: int, body: bytes) -> Any:
+        try:
+            return self._convert(tag, body)
         except WireError as exc:
-            problems.append(exc)
+            self._problem = self._problem or exc
             raise
 
-    def convert(tag: int, body: bytes) -> Any:
-        if tag == EXT_BIGINT:
-            if len(body) * 8 > limits.max_int_bits + 8:
-                raise WireError(f"an integer wider than {limits.max_int_bits} bits")
-            return int.from_bytes(body, "big", signed=True)
+    def _convert(self, tag: int, body: bytes) -> Any:
+        limits = self.limits
         if tag == EXT_HANDLE:
             if len(body) != HEADER.size:
                 raise WireError("a malformed handle")
             return Handle(HEADER.unpack(body)[0])
+        if tag == EXT_BIGINT:
+            if len(body) * 8 > limits.max_int_bits + 8:
+                raise WireError(f"an integer wider than {limits.max_int_bits} bits")
+            return int.from_bytes(body, "big", signed=True)
         if tag in (EXT_OPAQUE, EXT_REPR):
             if len(body) > limits.max_text:
                 raise WireError(f"a text of {len(body)} bytes; the limit is {limits.max_text}")
@@ -260,13 +278,13 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
             return Opaque(text) if tag == EXT_OPAQUE else ReprText(text)
         if tag not in (EXT_TUPLE, EXT_SET, EXT_FROZENSET, EXT_PAIRS):
             raise WireError(f"unknown extension type {tag}")
-        depth[0] += 1
+        self._depth += 1
         try:
-            if depth[0] > limits.max_nesting:
+            if self._depth > limits.max_nesting:
                 raise WireError(f"more than {limits.max_nesting} nested tuples, sets or maps")
-            items = ormsgpack.unpackb(body, ext_hook=ext)
+            items = ormsgpack.unpackb(body, ext_hook=self._hook)
         finally:
-            depth[0] -= 1
+            self._depth -= 1
         if type(items) is not list:
             raise WireError("a malformed container")
         try:
@@ -282,12 +300,16 @@ def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
         except TypeError as exc:  # an unhashable key or member
             raise WireError(f"a malformed container: {exc}") from None
 
-    try:
-        return ormsgpack.unpackb(data, ext_hook=ext)
-    except (ValueError, TypeError, RecursionError, MemoryError) as exc:
-        if problems:
-            raise problems[0] from None
-        raise WireError(f"not valid plain data: {exc}") from None
+
+_decoders: dict[int, Decoder] = {}
+
+
+def decode(data: bytes, limits: Limits = DEFAULT_LIMITS) -> Any:
+    """The value ``data`` encodes, or WireError when it is malformed or over a limit."""
+    decoder = _decoders.get(id(limits))
+    if decoder is None or decoder.limits is not limits:
+        decoder = _decoders[id(limits)] = Decoder(limits)
+    return decoder(data)
 
 
 def frame(payload: bytes) -> bytes:
