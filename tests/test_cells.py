@@ -467,9 +467,9 @@ def test_names_of_layers_match_the_docs() -> None:
 SUBVERTED = """
 def probe(self, what):
     import sys
-    runtime = sys.modules["batos_uvm.cells.runtime"]
+    proxy = sys.modules["batos_uvm.cells.proxy"]
     wire = sys.modules["batos_uvm.cells.wire"]
-    call = runtime._active()
+    call = proxy.active()
     if what == "forged handle":
         return call.request("send", target=wire.Handle(99), selector="describe",
                             args=[], kwargs={})

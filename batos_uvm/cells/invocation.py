@@ -3,9 +3,7 @@
 An :class:`Invocation` is one message sent to a generated method, with every
 call it makes in turn (nested sends run in other cells), all on one ZODB
 connection and in the caller's transaction. Each method execution is a
-:class:`Frame`: the receiver, a table of handles (0 is the receiver; other
-objects are numbered as the frame hands them out, so a cell cannot name an
-object it was not given), and the sources it may ask for.
+:class:`~batos_uvm.cells.frame.Frame` (its receiver, handles and snapshot).
 
 The kernel applies a method's diff to its receiver's own slots only, after
 checking names and values; a cell's requests are answered from an allow-list
@@ -15,25 +13,17 @@ cell sends is trusted beyond plain data.
 
 from __future__ import annotations
 
-import hashlib
-import keyword
 import time
-import weakref
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from persistent.list import PersistentList
-from persistent.mapping import PersistentMapping
-
-from ..objects import RESERVED_SELECTORS, MethodRecord, UvmObject, describe_briefly
-from . import wire
+from ..objects import MethodRecord, UvmObject, describe_briefly
+from .frame import Frame, Refused, check_slot_name
 from .pool import Cell, CellCrashed, CellFailure, CellPool, CellProtocolError, CellTimeout
 
 MAX_DEPTH = 8  # nested sends from generated code
 ATTEMPTS_ON_DEAD_CELLS = 3  # a call that reached only cells dead before it began
 MAX_OUTPUT = 32 * 1024  # printed text kept per invocation (a cell keeps 16 KiB per call)
-MAX_METHODS_IN_SNAPSHOT = 256  # beyond this, a cell asks for methods by name
 PRIMITIVES_FOR_METHODS = frozenset({"clone", "describe", "catalog.search", "infer"})
 
 
@@ -55,185 +45,12 @@ class NoServices:
         raise Refused("RuntimeError", "asking a persona is available only inside a running kernel")
 
 
-class Refused(Exception):
-    """A request of generated code the kernel does not carry out; goes back as an exception."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
 class MethodFailed(Exception):
     """The method raised (in its cell); ``kind`` is the exception's class name."""
 
     def __init__(self, kind: str, message: str, traceback: str = "") -> None:
         super().__init__(f"{kind}: {message}")
         self.kind, self.message, self.traceback = kind, message, traceback
-
-
-def method_key(source: str) -> str:
-    return "m" + hashlib.blake2b(source.encode("utf-8"), digest_size=12).hexdigest()
-
-
-def check_slot_name(name: Any) -> str:
-    """A name generated code may write: raises Refused otherwise."""
-    if type(name) is not str or not name.isidentifier() or keyword.iskeyword(name):
-        raise Refused("AttributeError", f"{name!r} is not a slot name")
-    if name.startswith("_"):
-        raise Refused("AttributeError", f"slot names starting with '_' belong to the kernel: {name!r}")
-    if name == "parents":
-        raise Refused("AttributeError", "parents are read-only to generated methods")
-    if name in RESERVED_SELECTORS:
-        raise Refused("AttributeError", f"{name!r} is an operation of every object, not a slot")
-    if len(name) > 120:
-        raise Refused("AttributeError", f"slot name of {len(name)} characters (at most 120)")
-    return name
-
-
-# Snapshots by the state of the receiver's chain: (id, oid, serial) of every object
-# in it. Slot values stay the live objects (encoded at each call); what is kept
-# is which names answer with which value and which method, until a chain object
-# is written (then it is marked changed, and gets a new serial when committed).
-_snapshots: OrderedDict[tuple[Any, ...], tuple[Any, ...]] = OrderedDict()
-SNAPSHOTS_KEPT = 1024
-
-
-def _chain_key(chain: list[UvmObject]) -> tuple[Any, ...] | None:
-    key = []
-    for obj in chain:
-        if obj._p_oid is None or obj._p_changed:
-            return None  # new or changed in this transaction: build it afresh
-        key.append((id(obj), obj._p_oid, obj._p_serial))
-    return tuple(key)
-
-
-class Frame:
-    """One method execution in one cell: its receiver and its handle table."""
-
-    def __init__(self, invocation: Invocation, receiver: UvmObject) -> None:
-        self.invocation = invocation
-        self.receiver = receiver
-        self.objects: list[Any] = [receiver]
-        self.numbers: dict[int, int] = {id(receiver): 0}
-        self.sources: dict[str, str] = {}
-        self.fresh_names: dict[int, str] = {}
-        self.seen_version = invocation.version(receiver)
-
-    # -- handles -------------------------------------------------------------------------
-    def handle(self, obj: UvmObject) -> wire.Handle:
-        number = self.numbers.get(id(obj))
-        if number is None:
-            number = self.numbers[id(obj)] = len(self.objects)
-            self.objects.append(obj)
-            self.fresh_names[number] = describe_briefly(obj)
-        return wire.Handle(number)
-
-    def resolve(self, value: Any) -> UvmObject:
-        if type(value) is not wire.Handle:
-            raise Refused("TypeError", "expected an object")
-        if not 0 <= value.number < len(self.objects):
-            raise Refused("LookupError", f"handle {value.number} was never given to this method")
-        return self.objects[value.number]
-
-    def names(self) -> dict[str, str]:
-        """Labels of handles given out since the last message (for reprs in the cell)."""
-        fresh, self.fresh_names = self.fresh_names, {}
-        return {str(number): label for number, label in fresh.items()}
-
-    # -- values ----------------------------------------------------------------------------
-    def outward(self, obj: Any) -> Any:
-        """Stand-in for what is not plain data, on its way into a cell (an encode fallback)."""
-        if isinstance(obj, UvmObject):
-            return self.handle(obj)
-        kind = type(obj)
-        if kind is PersistentMapping:
-            return wire.prepare(dict(obj.data))
-        if kind is PersistentList:
-            return wire.prepare(list(obj.data))
-        return wire.Opaque(wire.type_name(obj))
-
-    def inward(self, value: Any, *, for_slot: bool) -> Any:
-        """Plain data from a cell, with handles resolved; what a slot may not hold refused."""
-        kind = type(value)
-        if kind is wire.Handle:
-            return self.resolve(value)
-        if kind is wire.Opaque or kind is wire.ReprText:
-            if for_slot:
-                raise Refused("TypeError", f"cannot keep {value!r} in a slot: it is not plain data")
-            return value
-        if kind is list:
-            return [self.inward(v, for_slot=for_slot) for v in value]
-        if kind is dict:
-            return {k: self.inward(v, for_slot=for_slot) for k, v in value.items()}
-        if kind is tuple:
-            return tuple(self.inward(v, for_slot=for_slot) for v in value)
-        if kind in (set, frozenset):
-            for v in value:
-                if type(v) is wire.Handle or (for_slot and type(v) in (wire.Opaque, wire.ReprText)):
-                    raise Refused("TypeError", "sets of objects cannot cross a cell boundary")
-        return value
-
-    # -- what the cell sees of its receiver ---------------------------------------------------
-    def snapshot(self) -> dict[str, Any]:
-        receiver = self.receiver
-        chain = list(receiver.ancestors())
-        overlaid = any(target == id(receiver) for target, _ in self.invocation.overlay)
-        key = None if overlaid else _chain_key(chain)
-        cached = _snapshots.get(key) if key is not None else None
-        if cached is not None and all(
-            ref() is obj for ref, obj in zip(cached[3], chain, strict=True)
-        ):
-            _snapshots.move_to_end(key)
-            snapshot, sources, parents, _ = cached
-            for parent in parents:  # the same handle numbers as when it was built
-                self.handle(parent)
-            self.sources.update(sources)
-            return snapshot
-        slots: dict[str, Any] = {}
-        methods: dict[str, str] = {}
-        count = 0
-        for owner in chain:
-            for name in owner.slot_names():
-                if name != "parents" and name not in slots:
-                    slots[name] = owner._slots[name]
-            table = owner.methods()
-            count += len(table)
-            if count <= MAX_METHODS_IN_SNAPSHOT:
-                for selector, record in table.items():
-                    if selector not in methods:
-                        methods[selector] = self.key_for(record)
-        for (target_id, selector), source in self.invocation.overlay.items():
-            if target_id == id(receiver):
-                methods[selector] = self.keep_source(source)
-        own = [name for name in receiver.slot_names() if name != "parents"]
-        parents = tuple(p for p in receiver._slots.get("parents") or () if isinstance(p, UvmObject))
-        snapshot = {
-            "label": describe_briefly(receiver),
-            "slots": slots,
-            "own": own,
-            "parents": [self.handle(p) for p in parents],
-            "methods": methods,
-            "complete": count <= MAX_METHODS_IN_SNAPSHOT,
-        }
-        if key is not None:
-            refs = tuple(weakref.ref(obj) for obj in chain)  # the very objects, not look-alikes
-            _snapshots[key] = (snapshot, dict(self.sources), parents, refs)
-            if len(_snapshots) > SNAPSHOTS_KEPT:
-                _snapshots.popitem(last=False)
-        return snapshot
-
-    def key_for(self, record: MethodRecord) -> str:
-        if record.primitive:
-            return "primitive"
-        return self.keep_source(record.source or "")
-
-    def keep_source(self, source: str) -> str:
-        key = method_key(source)
-        self.sources[key] = source
-        return key
-
-    def encode(self, message: dict[str, Any]) -> bytes:
-        return wire.encode(message, self.outward)
 
 
 class Invocation:
@@ -577,14 +394,4 @@ def is_generated(found: Any) -> bool:
     return bool(found is not None and found.is_method and not found.value.primitive)
 
 
-__all__ = [
-    "Frame",
-    "Invocation",
-    "MethodFailed",
-    "NoServices",
-    "Refused",
-    "Services",
-    "check_slot_name",
-    "is_generated",
-    "method_key",
-]
+__all__ = ["Invocation", "MethodFailed", "NoServices", "Refused", "Services", "is_generated"]

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     fd, config = int(argv[0]), json.loads(argv[1])
     from batos_uvm import guardian, restricted
-    from batos_uvm.cells import runtime, sandbox, wire
+    from batos_uvm.cells import proxy, runtime, sandbox, wire
 
     for name in sorted(guardian.ALLOWED_MODULES) + list(_PRELOAD):
         __import__(name)
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     unrestricted = bool(config.get("unrestricted"))  # only tests of the layers ask for this
     compile_method = _compile_unrestricted if unrestricted else restricted.compile_method
     if not unrestricted:
-        restricted.extra_builtins["batos"] = runtime.SERVICES
+        restricted.extra_builtins["batos"] = proxy.SERVICES
     cell = runtime.Cell(channel, compile_method)
     channel.send({"op": "ready", "pid": os.getpid(), "layers": layers,
                   "restricted": not unrestricted})
