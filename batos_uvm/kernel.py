@@ -22,7 +22,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import ormsgpack
 import transaction
 from ZODB.POSException import ConflictError
 
@@ -382,7 +381,7 @@ class Kernel:
                         services=self.services_for(connection),
                     )
                     try:
-                        result = await invocation.call(receiver, selector, args, kwargs)
+                        result = await invocation.call(receiver, selector, args, kwargs, found)
                     except (MethodFailed, Refused, CellFailure) as exc:
                         raise SendFailed.from_exception(exc, invocation.output) from None
                     output = invocation.output or None
@@ -595,17 +594,15 @@ def _to_wire(value: Any, output: str | None = None) -> tuple[Any, str | None, st
     if type(value) is ReprText:  # a result that is not plain data, shown as the cell saw it
         return None, str.__str__(value)[:MAX_REPR_CHARS], output
     if _is_plain(value, 0):
-        try:
-            ormsgpack.packb(value)
-            return value, None, output
-        except (TypeError, ValueError, OverflowError):
-            pass
+        return value, None, output
     return None, safe_repr(value, MAX_REPR_CHARS, describe=_describe_object), output
 
 
 def _is_plain(value: Any, depth: int) -> bool:
     kind = type(value)
-    if kind in (type(None), bool, int, float, str, bytes):
+    if kind is int:
+        return -(2**63) <= value < 2**64  # what msgpack carries
+    if kind in (type(None), bool, float, str, bytes):
         return True
     if depth > 64:
         return False

@@ -118,10 +118,21 @@ class Invocation:
 
     # -- running methods -------------------------------------------------------------------
     async def call(
-        self, receiver: UvmObject, selector: str, args: list[Any], kwargs: dict[str, Any]
+        self,
+        receiver: UvmObject,
+        selector: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        found: Any = None,
     ) -> Any:
-        """Run the generated method ``selector`` of ``receiver`` (the caller looked it up)."""
-        kind, source = self.find(receiver, selector)
+        """Run the generated method ``selector`` of ``receiver``.
+
+        ``found`` is the caller's lookup result, when it made one.
+        """
+        if found is not None and not self.overlay:
+            kind, source = "source", found.value.source or ""
+        else:
+            kind, source = self.find(receiver, selector)
         if kind != "source":
             raise Refused("TypeError", f"{selector!r} of {describe_briefly(receiver)} is not a "
                           "generated method")

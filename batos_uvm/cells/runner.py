@@ -84,8 +84,8 @@ def serve(channel: Any, cell: Any, sandbox: Any, wire: Any, cpu: float, max_call
         outcome = cell.serve(message)
         outcome["id"] = message.get("id")
         try:
-            channel.send(outcome)
-        except wire.WireError as exc:  # e.g. output that cannot be encoded
+            cell.answer(outcome)
+        except wire.WireError as exc:  # e.g. a repr that cannot be encoded
             channel.send({"op": "done", "id": message.get("id"), "output": "",
                           "error": {"type": "TypeError", "message": str(exc), "traceback": ""}})
         if outcome.get("retire") or (max_calls and cell.calls >= max_calls):

@@ -110,6 +110,7 @@ class Cell:
         self.sources: dict[str, str] = {}  # key -> source, for methods this cell knows
         self.compiled: OrderedDict[str, types.FunctionType] = OrderedDict()
         self.calls = 0
+        self.last_value: Any = None
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         self.channel.send(message)
@@ -177,7 +178,8 @@ class Cell:
                 return {"op": "need_source", "key": key}
             args, kwargs = call.localize(message["args"]), call.localize(message["kwargs"])
             value = function(call.receiver, *args, **kwargs)
-            outcome = {"value": _result(call, value)}
+            self.last_value = value  # for its repr, if it turns out not to be plain data
+            outcome = {"value": call.delocalize(value)}
         except MemoryError:
             outcome = {"error": _error(MemoryError(f"{MEMORY_LIMIT} was exceeded")), "retire": True}
         except BaseException as exc:  # noqa: BLE001 - any failure of generated code is a result
@@ -194,21 +196,28 @@ class Cell:
         outcome.update(op="done", output=capture.text())
         return outcome
 
-
-def _result(call: Call, value: Any) -> Any:
-    """The return value as plain data; anything else as its bounded repr."""
-    value = call.delocalize(value)
-    try:
-        wire.encode(value)
-        return value
-    except wire.WireError:
+    def answer(self, outcome: dict[str, Any]) -> None:
+        """Send the outcome; a value that is not plain data goes as its repr."""
         try:
-            text = repr(value)
-        except Exception as exc:  # noqa: BLE001 - a broken __repr__ is still an answer
-            text = f"<unrepresentable {wire.type_name(value)}: {type(exc).__name__}>"
-        if len(text) > REPR_CHARS:
-            text = text[: REPR_CHARS - 3] + "..."
-        return wire.ReprText(text)
+            self.channel.send(outcome)
+        except wire.WireError:
+            if "value" not in outcome:
+                raise
+            outcome["value"] = repr_of(self.last_value)
+            self.channel.send(outcome)
+        finally:
+            self.last_value = None
+
+
+def repr_of(value: Any) -> wire.ReprText:
+    """The bounded repr of a result that is not plain data, made here in the cell."""
+    try:
+        text = repr(value)
+    except Exception as exc:  # noqa: BLE001 - a broken __repr__ is still an answer
+        text = f"<unrepresentable {wire.type_name(value)}: {type(exc).__name__}>"
+    if len(text) > REPR_CHARS:
+        text = text[: REPR_CHARS - 3] + "..."
+    return wire.ReprText(text)
 
 
 def _error(exc: BaseException) -> dict[str, str]:
