@@ -256,6 +256,26 @@ def test_pending_changes_commit_abort_and_sync(image: Path):
         reader.close()
 
 
+def test_a_method_called_in_the_shell_runs_in_a_cell_and_its_change_commits(image: Path, capsys):
+    writer = session_for(image, write=True)
+    try:
+        genesis = writer.root["genesis_obj"]
+        genesis.install_method(
+            "paint", "def paint(self, colour):\n    print('painting', colour)\n"
+            "    self.colour = colour\n    return colour\n")
+        assert run_code(writer, "genesis.paint('red')") == 0
+        assert "painting red" in capsys.readouterr().out  # what the cell printed
+        assert writer.namespace()["genesis"].colour == "red"
+        assert writer.commit("paint") == "committed 1 changed object(s)"
+    finally:
+        writer.close()
+    reader = session_for(image)
+    try:
+        assert reader.root["genesis_obj"].colour == "red"
+    finally:
+        reader.close()
+
+
 def test_run_code_exit_codes_and_expression_values(image: Path, capsys):
     session = session_for(image)
     try:
