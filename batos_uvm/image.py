@@ -27,7 +27,26 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.POSException import StorageError
 
-from .config import Settings
+from .config import LOOPBACK_HOSTS, ZEO_OFF, Settings
+from .image_path import (
+    ImageError,
+    ImageMissing,
+    ImagePathError,
+    check_image_location,
+    describe_os_error,
+)
+
+__all__ = [
+    "ImageError",
+    "ImageInUse",
+    "ImageDamaged",
+    "ImageMissing",
+    "ImagePathError",
+    "OpenImage",
+    "open_image",
+    "open_zeo_client",
+    "running_kernel_address",
+]
 
 log = logging.getLogger("batos.image")
 
@@ -35,10 +54,6 @@ Address = tuple[str, int] | str  # (host, port) over TCP, or a unix socket path
 
 _TRANSACTION_HEADER = ">8sQcHHH"  # tid, length, status, user, description, extension lengths
 _TRANSACTION_HEADER_SIZE = struct.calcsize(_TRANSACTION_HEADER)
-
-
-class ImageError(RuntimeError):
-    """The image cannot be opened; the message names the file and what to do."""
 
 
 class ImageInUse(ImageError):
@@ -175,6 +190,8 @@ class OpenImage:
         self.db.close()
         if self._server is not None:
             self._server.close()
+            if isinstance(self.zeo_address, str):  # our private socket: gone with the server
+                Path(self.zeo_address).unlink(missing_ok=True)
         elif self._storage is not None:
             self._storage.close()
         if self.address_file is not None:
@@ -221,15 +238,32 @@ def private_socket_path(db_path: Path) -> Path:
     return directory / f"{digest}.sock"
 
 
+def preflight(settings: Settings) -> None:
+    """Everything about the image a kernel can refuse before any slow work, creating nothing:
+    the path and the creation rules (image_path), and a lock held by another process."""
+    if not settings.is_file_storage:
+        return
+    location = check_image_location(settings)
+    if location.exists and lock_is_held(location.db_path):
+        raise ImageInUse(_in_use_message(location.db_path, lock_holder(location.db_path)))
+
+
 def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
     db_path = settings.db_path
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    settings.blob_path.mkdir(parents=True, exist_ok=True)
+    location = check_image_location(settings, writable=not read_only, may_create=not read_only)
     check_image_file(db_path)
+    if not location.exists:
+        # A warning, so it shows at every log level a user runs with.
+        log.warning("no image at %s: creating a new, empty image there", db_path)
+        location.create_directories()
     try:
+        if not read_only:
+            settings.blob_path.mkdir(exist_ok=True)
         return ZODB.FileStorage.FileStorage(
             str(db_path), blob_dir=str(settings.blob_path), read_only=read_only
         )
+    except OSError as exc:
+        raise ImageError(describe_os_error(exc, db_path)) from None
     except Exception as exc:
         if type(exc).__name__ == "LockError":
             raise ImageInUse(_in_use_message(db_path, lock_holder(db_path))) from None
@@ -260,7 +294,7 @@ def open_image(
         return _open_uri(settings, cache_size)
     storage = _open_file_storage(settings, read_only=read_only)
     if serve_zeo is None:
-        serve_zeo = settings.zeo.lower() not in {"", "off", "no", "false"}
+        serve_zeo = settings.zeo.lower() not in ZEO_OFF
     if not serve_zeo:
         db = ZODB.DB(storage, cache_size=cache_size)
         return OpenImage(db=db, description=f"file {settings.db_path}", _storage=storage)
@@ -278,7 +312,7 @@ def _serve_over_zeo(settings: Settings, storage: Any, cache_size: int) -> OpenIm
             bind: Address = str(socket_path)
         else:
             host, port = _parse_host_port(settings.zeo)
-            if host not in {"127.0.0.1", "localhost", "::1"}:
+            if host not in LOOPBACK_HOSTS:
                 raise ImageError(f"the ZEO server binds loopback only (got {host})")
             bind = (host, port)
         server = StorageServer(bind, {"1": storage})
