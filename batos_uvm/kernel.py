@@ -27,20 +27,25 @@ from ZODB.POSException import ConflictError
 
 from . import primitives
 from .audit import AuditTrail
-from .awakening import awaken
+from .awakening import awaken_catalog, awaken_models, awaken_objects
 from .cognition import Cognition
 from .config import PERSONAS, Settings
 from .cycle import (
+    PLANNER,
+    SYNTHESIZER,
     CycleOutcome,
     Orchestrator,
     register_state_primitives,
     run_candidate_trial,
 )
+from .cycle_progress import CycleProgress
 from .deadline import MethodAbandoned, MethodTimeout, run_with_deadline
-from .image import OpenImage, open_image
+from .image import OpenImage, open_image, preflight
 from .objects import SelectorNotUnderstood, UvmObject, check_selector
 from .protocol import (
+    ERR_CANCELLED,
     MAX_REPR_CHARS,
+    CancelRequest,
     CycleRequest,
     CyclesRequest,
     InspectRequest,
@@ -50,6 +55,7 @@ from .protocol import (
     SendRequest,
     parse_target,
 )
+from .readiness import NotReady, Readiness, in_daemon_thread
 
 log = logging.getLogger("batos.kernel")
 
@@ -61,10 +67,16 @@ class TargetError(LookupError):
     pass
 
 
+# The parts a kernel loads after it starts answering (see Kernel.start).
+IMAGE, CATALOG, MODELS = "image", "catalog", "models"
+CYCLE_NEEDS = (CATALOG, MODELS)  # a cognitive cycle searches the catalog and asks models
+THINKING = {"DECOMPOSING": PLANNER, "SYNTHESIZING": SYNTHESIZER}  # who a state waits for
+
+
 @dataclass
 class _Joinable:
     future: asyncio.Future[CycleOutcome]
-    listeners: list[Callable[[dict[str, Any]], Awaitable[None]]]
+    progress: CycleProgress
 
 
 class Kernel:
@@ -85,15 +97,40 @@ class Kernel:
         self._cycles: dict[tuple[bytes, str], _Joinable] = {}
         self._stopping = asyncio.Event()
         self.orchestrator = Orchestrator(self)
+        self.readiness = Readiness()
+        self.readiness.add(IMAGE, "the image")
+        self.readiness.add(CATALOG, "the knowledge catalog and its embedder")
+        self.readiness.add(MODELS, "configured models and LoRA adapters")
+        self.briefs = demo_briefs(settings)
 
     # -- life cycle ---------------------------------------------------------------------
-    async def start(self, *, serve_bridge: bool = True) -> None:
+    async def start(self, *, serve_bridge: bool = True, wait_loaded: bool | None = None) -> None:
+        """Answer first; load what is heavy in the background (docs/ARCHITECTURE.md).
+
+        Refused before anything slow happens and before anything is created: a
+        bad image path or a locked image (preflight), then a bridge address that
+        cannot be bound (the bridge binds first, so ``ping`` answers from here
+        on). The image opens and its objects awaken (fast): sends, inspect and
+        cycles are served. The embedder, the golden dataset and the configured
+        models load in the background; work that needs them waits for them.
+        Without a bridge nobody can ask meanwhile, so by default ``start``
+        then returns once everything is loaded.
+        """
         from .text import default_embedder
 
         self.loop = asyncio.get_running_loop()
-        self.image = await asyncio.to_thread(open_image, self.settings)
+        await asyncio.to_thread(preflight, self.settings)
+        if serve_bridge:
+            self.bridge = self._make_bridge()
+            await self.bridge.start()
+        try:
+            self.image = await asyncio.to_thread(open_image, self.settings)
+            await asyncio.to_thread(awaken_objects, self.image.db, self._kernel_alive)
+        except BaseException as exc:
+            self.readiness.mark_failed(IMAGE, f"{type(exc).__name__}: {exc}")
+            await self.stop()
+            raise
         self.embedder = default_embedder(self.settings.embedder)
-        await asyncio.to_thread(self._awaken)
         self._register_primitives()
         specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
         self.cognition = Cognition(specs, db=self.image.db)
@@ -101,30 +138,38 @@ class Kernel:
         self._background = [asyncio.create_task(self._save_index_now_and_then(), name="index")]
         for number in range(self.settings.workers):
             self._workers.append(asyncio.create_task(self._worker(number), name=f"worker-{number}"))
-        if serve_bridge:
-            from .bridge import Bridge, CurveServerConfig
-
-            curve = (
-                CurveServerConfig.from_dir(self.settings.curve_dir)
-                if self.settings.curve_dir
-                else None
-            )
-            self.bridge = Bridge(
-                self,
-                self.settings.endpoint,
-                max_message_bytes=self.settings.max_message_bytes,
-                curve=curve,
-                allow_insecure_remote=self.settings.allow_insecure_remote,
-                boot_id=self.boot_id,
-            )
-            await self.bridge.start()
+        self.readiness.mark_ready(IMAGE)
+        self.readiness.load_in_background(CATALOG, self._load_catalog)
+        self.readiness.load_in_background(MODELS, self._load_models)
         log.info("BAT OS kernel %s is live: image %s", self.boot_id[:8], self.image.description)
+        if wait_loaded if wait_loaded is not None else not serve_bridge:
+            await self.readiness.wait_all((CATALOG, MODELS))
 
-    def _awaken(self) -> None:
+    def _make_bridge(self) -> Any:
+        from .bridge import Bridge, CurveServerConfig
+
+        curve = (
+            CurveServerConfig.from_dir(self.settings.curve_dir) if self.settings.curve_dir else None
+        )
+        return Bridge(
+            self,
+            self.settings.endpoint,
+            max_message_bytes=self.settings.max_message_bytes,
+            curve=curve,
+            allow_insecure_remote=self.settings.allow_insecure_remote,
+            boot_id=self.boot_id,
+        )
+
+    async def _load_catalog(self) -> None:
         assert self.image is not None
-        awaken(self.image.db, self.settings, self.embedder, self._kernel_alive)
-        # Load the embedding model now, off the event loop, not during the first cycle.
-        self.embedder.encode(["BAT OS awakens"])
+        # The embedding model (torch, sentence-transformers: seconds) loads in a
+        # daemon thread: a kernel stopped meanwhile does not wait for it.
+        await in_daemon_thread(self.embedder.encode, ["BAT OS awakens"])
+        await in_daemon_thread(awaken_catalog, self.image.db, self.settings, self.embedder)
+
+    async def _load_models(self) -> None:
+        assert self.image is not None
+        await in_daemon_thread(awaken_models, self.image.db, self.settings)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -158,13 +203,27 @@ class Kernel:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.start()
+        loading = self.readiness.pending()
         print(
-            f"BAT OS kernel ready: bridge {self.bridge.endpoint}, image {self.image.description}",
+            f"BAT OS kernel answering: bridge {self.bridge.endpoint}, image "
+            f"{self.image.description}"
+            + (f"; loading in the background: {', '.join(loading)}" if loading else ""),
             flush=True,
         )
+        announce = asyncio.create_task(self._announce_ready(), name="announce-ready")
         await self._stopping.wait()
+        announce.cancel()
         await self.stop()
         return 0
+
+    async def _announce_ready(self) -> None:
+        try:
+            await self.readiness.wait_all(tuple(self.readiness.describe()["parts"]))
+        except NotReady as exc:
+            print(f"BAT OS kernel answering, but not everything loaded: {exc}", flush=True)
+            return
+        print(f"BAT OS kernel ready: everything loaded {time.time() - self.started:.1f} s "
+              "after start", flush=True)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -173,6 +232,7 @@ class Kernel:
         log.info("shutting down")
         if self.bridge is not None:
             await self.bridge.stop()
+        await self.readiness.cancel()
         for task in [*self._workers, *self._background]:
             task.cancel()
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
@@ -244,6 +304,9 @@ class Kernel:
         try:
             if isinstance(request, PingRequest):
                 return Reply.complete(self.status())
+            if isinstance(request, CancelRequest):
+                return self.cancel_cycle(request.cycle_id)
+            await self.readiness.wait(IMAGE)  # opened in a moment, even for a new image
             if isinstance(request, SendRequest):
                 return await self.send(
                     request.target, request.selector, request.args, request.kwargs, emit
@@ -274,17 +337,44 @@ class Kernel:
                 )
         except TargetError as exc:
             return Reply.error_reply("not_found", str(exc))
+        except NotReady as exc:
+            return Reply.failed("not_ready", str(exc))
         return Reply.error_reply("unknown_command", f"unsupported request {type(request).__name__}")
 
     def status(self) -> dict[str, Any]:
-        return {
+        """What ``ping`` answers: identity, image, cognition and readiness."""
+        readiness = self.readiness.describe()
+        status = {
             "boot_id": self.boot_id,
             "pid": os.getpid(),
             "image": self.image.description if self.image else None,
             "uptime_s": round(time.time() - self.started, 3),
             "cognition": self.cognition.describe(),
             "workers": len(self._workers),
+            "ready": readiness["ready"],
+            "loading": readiness["loading"],
+            "parts": readiness["parts"],
         }
+        if self.briefs:
+            status["briefs"] = self.briefs
+        return status
+
+    def cancel_cycle(self, cycle_id: str) -> Reply:
+        """Ask a running cycle to stop; it ends CANCELLED and installs nothing."""
+        running = {j.progress.cycle_id: j for j in self._cycles.values() if j.progress.cycle_id}
+        matches = [c for c in running if c == cycle_id] or [
+            c for c in running if c.endswith(cycle_id) or c.startswith(cycle_id)
+        ]
+        if len(matches) != 1:
+            why = "matches several running cycles" if matches else "is not running in this kernel"
+            return Reply.failed(
+                "not_found",
+                f"cycle {cycle_id} {why}; running: {', '.join(sorted(running)) or 'none'} "
+                "(a finished cycle's outcome is in /cycles)",
+            )
+        running[matches[0]].progress.cancel.set()
+        log.info("cycle %s: cancellation requested", matches[0])
+        return Reply.complete({"cycle_id": matches[0], "cancelling": True})
 
     # -- messages ------------------------------------------------------------------------------
     async def send(
@@ -415,25 +505,31 @@ class Kernel:
         brief: dict[str, Any],
         progress: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> CycleOutcome:
-        """Run a cycle for (target, selector), or join the one already running."""
+        """Run a cycle for (target, selector), or join the one already running.
+
+        The cycle waits for what it needs (the catalog, the models) if the
+        kernel is still loading, saying so; it repeats its state every few
+        seconds while a model thinks, and stops when its ``cancel`` is set.
+        """
         key = (oid, brief["selector"])
         running = self._cycles.get(key)
         if running is not None:
-            running.listeners.append(progress)
+            running.progress.add(progress)
             return await asyncio.shield(running.future)
-        joinable = _Joinable(asyncio.get_running_loop().create_future(), [progress])
+        broadcast = CycleProgress(progress, personas=THINKING)
+        joinable = _Joinable(asyncio.get_running_loop().create_future(), broadcast)
         self._cycles[key] = joinable
+        talking = asyncio.create_task(broadcast.keep_talking(), name="cycle-progress")
 
-        async def broadcast(event: dict[str, Any]) -> None:
-            for listener in list(joinable.listeners):
-                try:
-                    await listener(event)
-                except Exception:  # a vanished client must not break the cycle
-                    log.debug("progress listener failed", exc_info=True)
+        async def waiting(what: str, waited: float) -> None:
+            await broadcast({"state": "WAITING", "detail": f"the kernel is still loading {what}"})
 
         try:
+            await self.readiness.wait_all(CYCLE_NEEDS, waiting)
             outcome = await self.submit(
-                lambda conn: self.orchestrator.run(conn, brief, oid, broadcast)
+                lambda conn: self.orchestrator.run(
+                    conn, brief, oid, broadcast, cancel=broadcast.cancel
+                )
             )
             joinable.future.set_result(outcome)
             return outcome
@@ -443,6 +539,7 @@ class Kernel:
                 joinable.future.exception()  # joined or not, it was seen
             raise
         finally:
+            talking.cancel()
             self._cycles.pop(key, None)
 
     # -- services used by the cycle ------------------------------------------------------------
@@ -476,12 +573,14 @@ class Kernel:
     def _primitive_search(
         self, catalog: UvmObject, query: str, top_k: int = 5
     ) -> list[dict[str, Any]]:
+        self.readiness.wait_blocking(CATALOG, timeout=self.settings.method_timeout)
         hits = catalog.store.search(str(query), self.embedder, top_k=int(top_k))
         return [{"doc_id": h.doc_id, "text": h.text, "score": round(h.score, 4)} for h in hits]
 
     def _primitive_index(
         self, catalog: UvmObject, doc_id: str, text: str, metadata: dict[str, Any] | None = None
     ) -> int:
+        self.readiness.wait_blocking(CATALOG, timeout=self.settings.method_timeout)
         chunks = catalog.store.add_document(
             str(doc_id), str(text), dict(metadata or {}), self.embedder
         )
@@ -525,7 +624,7 @@ async def _read(connection: Any, work: Callable[[], Any]) -> Any:
 
 def _cycle_failed(outcome: CycleOutcome) -> Reply:
     return Reply.failed(
-        "cycle_failed",
+        ERR_CANCELLED if outcome.status == "CANCELLED" else "cycle_failed",
         outcome.reason or "the cognitive cycle failed",
         cycle_id=outcome.cycle_id,
         replayed=outcome.replayed,
@@ -554,6 +653,29 @@ def _completed(wire: tuple[Any, str | None], outcome: CycleOutcome | None) -> Re
         cycle_id=outcome.cycle_id if outcome else None,
         replayed=outcome.replayed if outcome else False,
     )
+
+
+def demo_briefs(settings: Settings) -> list[str]:
+    """The briefs a replay cassette answers, from ``CASSETTE.briefs.txt`` beside it (if any).
+
+    A recording knows only the briefs it was recorded for: clients list them
+    (``/help``, a failed brief) so a demo user knows what to type.
+    """
+    from pathlib import Path
+
+    specs = [settings.persona_backend(p) for p in PERSONAS]
+    cassettes = {s.partition(":")[2] for s in specs if isinstance(s, str)
+                 and s.startswith("replay:")}
+    briefs: list[str] = []
+    for cassette in sorted(cassettes):
+        path = Path(cassette).with_suffix(".briefs.txt")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError:
+            continue
+        briefs += [line.strip() for line in lines
+                   if line.strip() and not line.lstrip().startswith("#")]
+    return briefs
 
 
 def recent_cycles(root: Any, limit: int) -> list[dict[str, Any]]:
