@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("-c", dest="code", help="run CODE and exit")
     models = sub.add_parser("models", help="persona models and LoRA adapters in the image")
     _kernel_options(models, sub=True)
-    from .models_cli import add_models_parser
+    from .models_args import add_models_parser
 
     model_commands = models.add_subparsers(dest="models_command", required=True)
     add_models_parser(model_commands)
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
 
     logs.configure(getattr(args, "log_level", "INFO"))
     from .bridge import BridgeError
-    from .image import ImageError
+    from .image_path import ImageError
 
     try:
         settings = settings_from(args)
@@ -215,9 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             from .keys import run_keys_command
 
             return run_keys_command(args)
-        from .kernel import Kernel
+        from .boot import serve
 
-        code = asyncio.run(Kernel(settings).run())
+        code = asyncio.run(serve(settings))
     except (ConfigError, ImageError, BridgeError) as exc:
         print(f"batos: {exc}", file=sys.stderr)
         return 2

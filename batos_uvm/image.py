@@ -11,7 +11,6 @@ an image across users. An address file beside the image tells them where.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -30,10 +29,16 @@ from ZODB.POSException import StorageError
 from .config import LOOPBACK_HOSTS, ZEO_OFF, Settings
 from .image_path import (
     ImageError,
+    ImageInUse,
     ImageMissing,
     ImagePathError,
     check_image_location,
     describe_os_error,
+    in_use_message,
+    lock_holder,
+    lock_is_held,
+    pid_alive,
+    preflight,
 )
 
 __all__ = [
@@ -43,7 +48,10 @@ __all__ = [
     "ImageMissing",
     "ImagePathError",
     "OpenImage",
+    "lock_holder",
+    "lock_is_held",
     "open_image",
+    "preflight",
     "open_zeo_client",
     "running_kernel_address",
 ]
@@ -56,48 +64,8 @@ _TRANSACTION_HEADER = ">8sQcHHH"  # tid, length, status, user, description, exte
 _TRANSACTION_HEADER_SIZE = struct.calcsize(_TRANSACTION_HEADER)
 
 
-class ImageInUse(ImageError):
-    pass
-
-
 class ImageDamaged(ImageError):
     pass
-
-
-def lock_holder(db_path: Path) -> str | None:
-    """The PID written in the FileStorage lock file, if any."""
-    try:
-        text = db_path.with_name(db_path.name + ".lock").read_text().strip()
-    except OSError:
-        return None
-    return text.split()[0] if text else None
-
-
-def lock_is_held(db_path: Path) -> bool:
-    """Whether some process holds the FileStorage lock (probed, never rewritten)."""
-    try:
-        handle = open(db_path.with_name(db_path.name + ".lock"), "rb")  # noqa: SIM115
-    except OSError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return False
-
-
-def _pid_alive(pid: str | None) -> bool:
-    if not pid or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_image_file(db_path: Path) -> None:
@@ -112,7 +80,7 @@ def check_image_file(db_path: Path) -> None:
         return
     if lock_is_held(db_path):
         # A live kernel is writing it: what looks like a torn tail is its commit.
-        raise ImageInUse(_in_use_message(db_path, lock_holder(db_path)))
+        raise ImageInUse(in_use_message(db_path, lock_holder(db_path)))
     try:
         storage = ZODB.FileStorage.FileStorage(str(db_path), read_only=True)
     except (StorageError, OSError, ValueError, struct.error, KeyError) as exc:
@@ -213,7 +181,7 @@ def running_kernel_address(db_path: Path) -> Address | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(str(data.get("pid"))):
+    if not pid_alive(str(data.get("pid"))):
         return None
     if "socket" in data:
         return str(data["socket"])
@@ -238,16 +206,6 @@ def private_socket_path(db_path: Path) -> Path:
     return directory / f"{digest}.sock"
 
 
-def preflight(settings: Settings) -> None:
-    """Everything about the image a kernel can refuse before any slow work, creating nothing:
-    the path and the creation rules (image_path), and a lock held by another process."""
-    if not settings.is_file_storage:
-        return
-    location = check_image_location(settings)
-    if location.exists and lock_is_held(location.db_path):
-        raise ImageInUse(_in_use_message(location.db_path, lock_holder(location.db_path)))
-
-
 def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
     db_path = settings.db_path
     location = check_image_location(settings, writable=not read_only, may_create=not read_only)
@@ -266,16 +224,8 @@ def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
         raise ImageError(describe_os_error(exc, db_path)) from None
     except Exception as exc:
         if type(exc).__name__ == "LockError":
-            raise ImageInUse(_in_use_message(db_path, lock_holder(db_path))) from None
+            raise ImageInUse(in_use_message(db_path, lock_holder(db_path))) from None
         raise
-
-
-def _in_use_message(db_path: Path, pid: str | None) -> str:
-    who = f"PID {pid}" if pid else "another process"
-    return (
-        f"image {db_path} is in use by {who}. Stop that kernel first, or open "
-        "the live image through it with `python batos.py shell`."
-    )
 
 
 def _parse_host_port(text: str) -> tuple[str, int]:

@@ -13,6 +13,7 @@ refused with its name, and made only when asked (``--create``).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,10 @@ class ImagePathError(ImageError):
 
 class ImageMissing(ImagePathError):
     """No image exists at the path and this command does not create one."""
+
+
+class ImageInUse(ImageError):
+    """Another process holds the image's lock."""
 
 
 @dataclass(frozen=True)
@@ -148,3 +153,60 @@ def describe_os_error(exc: OSError, db_path: Path) -> str:
             "with --db, or look at it read-only with `python batos.py shell`."
         )
     return f"cannot open image {db_path}: {exc.strerror or exc} ({where})"
+
+
+# --- the lock (standard library only: checked before ZODB is even imported) ---------------
+
+
+def lock_holder(db_path: Path) -> str | None:
+    """The PID written in the FileStorage lock file, if any."""
+    try:
+        text = db_path.with_name(db_path.name + ".lock").read_text().strip()
+    except OSError:
+        return None
+    return text.split()[0] if text else None
+
+
+def lock_is_held(db_path: Path) -> bool:
+    """Whether some process holds the FileStorage lock (probed, never rewritten)."""
+    try:
+        handle = open(db_path.with_name(db_path.name + ".lock"), "rb")  # noqa: SIM115
+    except OSError:
+        return False
+    with handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def pid_alive(pid: str | None) -> bool:
+    if not pid or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def in_use_message(db_path: Path, pid: str | None) -> str:
+    who = f"PID {pid}" if pid else "another process"
+    return (
+        f"image {db_path} is in use by {who}. Stop that kernel first, or open "
+        "the live image through it with `python batos.py shell`."
+    )
+
+
+def preflight(settings: Settings) -> None:
+    """Everything about the image a kernel can refuse before any slow work, creating nothing:
+    the path and the creation rules, and a lock held by another process."""
+    if not settings.is_file_storage:
+        return
+    location = check_image_location(settings)
+    if location.exists and lock_is_held(location.db_path):
+        raise ImageInUse(in_use_message(location.db_path, lock_holder(location.db_path)))

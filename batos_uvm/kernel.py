@@ -82,9 +82,9 @@ class _Joinable:
 class Kernel:
     """One running BAT OS kernel. ``await run()`` until a signal or ``stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, boot_id: str | None = None) -> None:
         self.settings = settings
-        self.boot_id = uuid.uuid4().hex
+        self.boot_id = boot_id or uuid.uuid4().hex
         self.started = time.time()
         self.image: OpenImage | None = None
         self.audit = AuditTrail(settings.metacognition_log)
@@ -104,25 +104,31 @@ class Kernel:
         self.briefs = demo_briefs(settings)
 
     # -- life cycle ---------------------------------------------------------------------
-    async def start(self, *, serve_bridge: bool = True, wait_loaded: bool | None = None) -> None:
+    async def start(
+        self, *, serve_bridge: bool = True, wait_loaded: bool | None = None, bridge: Any = None
+    ) -> None:
         """Answer first; load what is heavy in the background (docs/ARCHITECTURE.md).
 
         Refused before anything slow happens and before anything is created: a
         bad image path or a locked image (preflight), then a bridge address that
         cannot be bound (the bridge binds first, so ``ping`` answers from here
-        on). The image opens and its objects awaken (fast): sends, inspect and
-        cycles are served. The embedder, the golden dataset and the configured
-        models load in the background; work that needs them waits for them.
-        Without a bridge nobody can ask meanwhile, so by default ``start``
-        then returns once everything is loaded.
+        on; ``bridge`` is one already bound, see boot.serve). The image opens and
+        its objects awaken (fast): sends, inspect and cycles are served. The
+        embedder, the golden dataset and the configured models load in the
+        background; work that needs them waits for them. Without a bridge nobody
+        can ask meanwhile, so by default ``start`` then returns once everything
+        is loaded.
         """
         from .text import default_embedder
 
         self.loop = asyncio.get_running_loop()
-        await asyncio.to_thread(preflight, self.settings)
-        if serve_bridge:
-            self.bridge = self._make_bridge()
-            await self.bridge.start()
+        if bridge is not None:
+            self.bridge, bridge.handler = bridge, self
+        else:
+            await asyncio.to_thread(preflight, self.settings)
+            if serve_bridge:
+                self.bridge = self._make_bridge()
+                await self.bridge.start()
         try:
             self.image = await asyncio.to_thread(open_image, self.settings)
             await asyncio.to_thread(awaken_objects, self.image.db, self._kernel_alive)
@@ -146,19 +152,9 @@ class Kernel:
             await self.readiness.wait_all((CATALOG, MODELS))
 
     def _make_bridge(self) -> Any:
-        from .bridge import Bridge, CurveServerConfig
+        from .boot import make_bridge
 
-        curve = (
-            CurveServerConfig.from_dir(self.settings.curve_dir) if self.settings.curve_dir else None
-        )
-        return Bridge(
-            self,
-            self.settings.endpoint,
-            max_message_bytes=self.settings.max_message_bytes,
-            curve=curve,
-            allow_insecure_remote=self.settings.allow_insecure_remote,
-            boot_id=self.boot_id,
-        )
+        return make_bridge(self.settings, self, self.boot_id)
 
     async def _load_catalog(self) -> None:
         assert self.image is not None
@@ -198,11 +194,11 @@ class Kernel:
         primitives.register("catalog.index", self._primitive_index)
         primitives.register("infer", self._primitive_infer)
 
-    async def run(self) -> int:
+    async def run(self, *, bridge: Any = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
-        await self.start()
+        await self.start(bridge=bridge)
         loading = self.readiness.pending()
         print(
             f"BAT OS kernel answering: bridge {self.bridge.endpoint}, image "
