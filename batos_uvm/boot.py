@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import os
+import signal
 import time
 import uuid
 from typing import Any
@@ -82,17 +83,30 @@ def make_bridge(settings: Settings, handler: Any, boot_id: str) -> Bridge:
 
 async def serve(settings: Settings) -> int:
     """Run a kernel process until SIGINT/SIGTERM (see the module docstring); 0 when stopped."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the kernel installs its own when it runs
+        loop.add_signal_handler(sig, stop.set)
     preflight(settings)
     boot_id = uuid.uuid4().hex
     lobby = Lobby(boot_id)
     bridge = make_bridge(settings, lobby, boot_id)
     await bridge.start()
+    importing = asyncio.ensure_future(
+        asyncio.to_thread(importlib.import_module, "batos_uvm.kernel"))
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        module = await asyncio.to_thread(importlib.import_module, "batos_uvm.kernel")
-        kernel = module.Kernel(settings, boot_id=boot_id)
+        await asyncio.wait({importing, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            lobby.close("the kernel is stopping")
+            await bridge.stop()
+            return 0
+        kernel = importing.result().Kernel(settings, boot_id=boot_id)
     except BaseException as exc:
         lobby.close(f"the kernel failed to start: {type(exc).__name__}: {exc}")
         await bridge.stop()
         raise
+    finally:
+        stopping.cancel()
     lobby.admit(kernel)
     return await kernel.run(bridge=bridge)

@@ -151,10 +151,14 @@ class ProgressPrinter:
     def __call__(self, event: ProgressEvent) -> None:
         if event.cycle_id:
             self.cycle_id = event.cycle_id
+        key = (event.cycle_id, event.state, event.detail)
         if event.text:
+            if self._key is None or self._key[:2] != key[:2]:  # say whose text this is
+                self._key, self._streaming = key, False
+                self.finish()
+                self._write(self._line(event), keep_open=False)
             self._stream(event.text)
             return
-        key = (event.cycle_id, event.state, event.detail)
         line = self._line(event)
         if key != self._key:
             self._key, self._streaming = key, False

@@ -1,8 +1,8 @@
 """Command line of ``batos.py``: run the kernel, open the shell, manage models and keys.
 
-Exit status of the kernel: 0 after a clean stop (SIGINT/SIGTERM); 2 when it
-cannot start (a bad option or setting, an image it refuses, an address in use),
-with one line saying why; 130 when interrupted while starting.
+Exit status of the kernel: 0 after a clean stop (SIGINT/SIGTERM, also while it
+starts); 2 when it cannot start (a bad option or setting, an image it refuses,
+an address in use), with one line saying why.
 """
 
 from __future__ import annotations

@@ -105,7 +105,13 @@ class KernelProcess:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> KernelProcess:
-        """Start the kernel and return once ``chat_client.py --ping`` answers."""
+        """Start the kernel and return once it reports everything loaded."""
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> KernelProcess:
+        """Start the kernel process and return at once."""
         if self.running:
             raise RuntimeError(f"{self.name} is already running (PID {self.pid})")
         with open(self.log_path, "ab") as log:
@@ -115,7 +121,6 @@ class KernelProcess:
                 self.argv(), cwd=self.workdir, env=run_env(), stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.starts += 1
-        self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
