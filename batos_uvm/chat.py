@@ -354,6 +354,8 @@ def _setup_history(path: Path) -> Callable[[str], None]:
         import readline
     except ImportError:  # e.g. Windows without pyreadline: plain input() still works
         return _no_history
+    if str(path) == os.devnull:  # history switched off: line editing only
+        return _no_history
     readline.set_history_length(1000)
     try:
         if path.exists():
