@@ -230,6 +230,13 @@ def test_puter_status_names_a_malformed_endpoint():
     assert "BATOS_ENDPOINT: endpoint '127.0.0.1:5650' has no scheme" in done.stderr
 
 
+def test_puter_status_exit_codes():
+    puter = str(Path(BATOS).parent / "puter.sh")
+    done = subprocess.run([puter, "status"], capture_output=True, text=True, timeout=120,
+                          env=run_env(BATOS_ENDPOINT=f"tcp://127.0.0.1:{free_port()}"))
+    assert done.returncode == 3 and "no kernel answers at" in done.stderr, done.stderr
+
+
 def test_no_traceback_when_a_client_is_interrupted_while_waiting(tmp_path):
     import signal
 
