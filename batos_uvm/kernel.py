@@ -56,6 +56,7 @@ from .protocol import (
     parse_target,
 )
 from .readiness import NotReady, Readiness, in_daemon_thread
+from .recordings import recorded_briefs
 
 log = logging.getLogger("batos.kernel")
 
@@ -101,7 +102,7 @@ class Kernel:
         self.readiness.add(IMAGE, "the image")
         self.readiness.add(CATALOG, "the knowledge catalog and its embedder")
         self.readiness.add(MODELS, "configured models and LoRA adapters")
-        self.briefs = demo_briefs(settings)
+        self.briefs = recorded_briefs(settings)
 
     # -- life cycle ---------------------------------------------------------------------
     async def start(
@@ -649,29 +650,6 @@ def _completed(wire: tuple[Any, str | None], outcome: CycleOutcome | None) -> Re
         cycle_id=outcome.cycle_id if outcome else None,
         replayed=outcome.replayed if outcome else False,
     )
-
-
-def demo_briefs(settings: Settings) -> list[str]:
-    """The briefs a replay cassette answers, from ``CASSETTE.briefs.txt`` beside it (if any).
-
-    A recording knows only the briefs it was recorded for: clients list them
-    (``/help``, a failed brief) so a demo user knows what to type.
-    """
-    from pathlib import Path
-
-    specs = [settings.persona_backend(p) for p in PERSONAS]
-    cassettes = {s.partition(":")[2] for s in specs if isinstance(s, str)
-                 and s.startswith("replay:")}
-    briefs: list[str] = []
-    for cassette in sorted(cassettes):
-        path = Path(cassette).with_suffix(".briefs.txt")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except OSError:
-            continue
-        briefs += [line.strip() for line in lines
-                   if line.strip() and not line.lstrip().startswith("#")]
-    return briefs
 
 
 def recent_cycles(root: Any, limit: int) -> list[dict[str, Any]]:

@@ -25,8 +25,9 @@ DOC = ROOT / "docs" / "CHAT.md"
 
 @pytest.fixture(scope="module")
 def endpoint():
-    proc, ep = spawn()
-    yield ep
+    """The stand-in kernel's address (one process for the module)."""
+    proc, address = spawn()
+    yield address
     proc.terminate()
     proc.wait(10)
 
