@@ -55,6 +55,7 @@ from watchdog_upgrade import (  # noqa: E402
 __all__ = [  # the upgrade names are re-exported for callers of this module
     "DEFAULT_ENDPOINT",
     "EXIT_CRASH_LOOP",
+    "EXIT_KERNEL_REFUSED",
     "INSTRUCTIONS",
     "MAX_INSTRUCTION_BYTES",
     "RESULT",
@@ -75,6 +76,9 @@ __all__ = [  # the upgrade names are re-exported for callers of this module
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5555"
 EXIT_CRASH_LOOP = 3
+# batos.py exits 2 when it cannot start as configured (a bad option or setting, an image
+# it refuses, an address in use), having said why in one line; restarting cannot help.
+EXIT_KERNEL_REFUSED = 2
 
 
 def kernel_option(args: list[str], name: str, default: str) -> str:
@@ -125,6 +129,7 @@ class Watchdog(Upgrades):
         self.delay = cfg.backoff_initial
         self.crashes: collections.deque[float] = collections.deque()
         self.up_since: float | None = None
+        self.ever_up = False  # has any kernel of this watchdog answered yet?
         self.health_failures, self.next_health, self.next_upgrade_poll = 0, 0.0, 0.0
         self.seen_instructions: tuple[int, int] | None = None
         self.stop_signal, self.signal_count = 0, 0
@@ -218,6 +223,7 @@ class Watchdog(Upgrades):
                 return False, f"kernel {exit_text(self.proc and self.proc.returncode)} early"
             if self.probe():
                 self.up_since, self.health_failures = time.monotonic(), 0
+                self.ever_up = True
                 self.next_health = self.up_since + self.cfg.health_interval
                 self.log("kernel_up", pid=self.proc.pid)
                 self.set_state("up")
@@ -258,6 +264,17 @@ class Watchdog(Upgrades):
             self.start_kernel()
         return None
 
+    def on_refusal(self) -> int:
+        """The first kernel refused its settings: say why and stop (restarts cannot help)."""
+        tail = [line for line in tail_lines(self.kernel_log, self.cfg.tail_lines)
+                if line.strip() and not line.startswith("--- watchdog:")][-5:]
+        self.log("kernel_refused", exit_code=EXIT_KERNEL_REFUSED, kernel_log=str(self.kernel_log),
+                 log_tail=tail)
+        print("watchdog: the kernel refused to start, so it is not restarted:",
+              *("  | " + line for line in tail), sep="\n", file=sys.stderr, flush=True)
+        self.set_state("refused")
+        return EXIT_KERNEL_REFUSED
+
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
@@ -290,6 +307,8 @@ class Watchdog(Upgrades):
                 self.log("kernel_exited", exit_code=0, action="watchdog stops")
                 self.set_state("stopped")
                 return 0
+            if rc == EXIT_KERNEL_REFUSED and not self.ever_up:
+                return self.on_refusal()
             return self.on_failure(f"kernel {exit_text(rc)}")
         if self.state != "up":
             ok, detail = self.wait_healthy(self.cfg.start_timeout)

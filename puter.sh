@@ -10,6 +10,10 @@
 # Environment: PYTHON (interpreter for the virtualenv, default python3),
 # BATOS_VENV (default .venv), BATOS_ENDPOINT (default tcp://127.0.0.1:5555),
 # BATOS_EXTRAS (pip extras, default "llama,dev").
+#
+# Exit status: 0 done; 1 a problem it names (bad option or address, a kernel
+# that refused to start); 3 (status) no kernel answers.
+### end of help
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -56,6 +60,18 @@ ping_kernel() {
     "$py" chat_client.py --ping --endpoint "$endpoint" --timeout "${1:-2}" >/dev/null 2>&1
 }
 
+# A malformed BATOS_ENDPOINT is refused at once, with the address to type instead.
+check_endpoint() {
+    local problem
+    problem="$("$py" -c 'import sys
+from batos_uvm.protocol import check_endpoint
+try:
+    check_endpoint(sys.argv[1])
+except ValueError as exc:
+    print(exc)' "$endpoint")" || problem="cannot check BATOS_ENDPOINT with $py"
+    [ -z "$problem" ] || die "BATOS_ENDPOINT: $problem"
+}
+
 cmd_status() {
     local pid
     if pid="$(watchdog_pid)"; then
@@ -64,7 +80,9 @@ cmd_status() {
     else
         say "watchdog not running"
     fi
-    if [ -x "$py" ] && ping_kernel 2; then
+    [ -x "$py" ] || { say "not set up yet: ./puter.sh setup"; return 3; }
+    check_endpoint
+    if ping_kernel 2; then
         say "kernel answers at $endpoint"
         return 0
     fi
@@ -94,12 +112,13 @@ cmd_start() {
             --detach) detach=1 ;;
             --demo) demo=(--demo) ;;
             --) shift; kernel_args=("$@"); break ;;
-            -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; return 0 ;;
+            -h|--help) sed -n '2,/^### end of help/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; return 0 ;;
             *) die "unknown option $1 (see ./puter.sh --help)" ;;
         esac
         shift
     done
     ensure_venv
+    check_endpoint
     mkdir -p "$logs"
     if watchdog_pid >/dev/null; then
         say "already running; opening the chat client"
@@ -114,8 +133,8 @@ cmd_start() {
             if ping_kernel 2; then break; fi
             if ! watchdog_pid >/dev/null; then
                 echo >&2
-                tail -n 20 "$logs/watchdog.out" >&2 || true
-                die "the watchdog stopped; see $logs/kernel.log"
+                tail -n 5 "$logs/kernel.log" >&2 || true
+                die "the kernel did not start (above, from $logs/kernel.log)"
             fi
             printf '.' >&2
             sleep 1

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import transaction
@@ -129,32 +130,59 @@ def persona_object(root: Any, persona: str) -> UvmObject:
 def awaken(
     db: Any, settings: Settings, embedder: Any, owner_alive: Callable[[dict[str, Any]], bool]
 ) -> None:
-    """Bring an image to life for a starting kernel; each step commits on its own."""
-    from .cycle import mark_interrupted
+    """Bring an image to life for a starting kernel; each step commits on its own.
 
+    A serving kernel runs the three steps separately: the objects before it
+    answers, the catalog and the models in the background (kernel.Kernel.start).
+    """
+    awaken_objects(db, owner_alive)
+    awaken_catalog(db, settings, embedder)
+    awaken_models(db, settings)
+
+
+@contextmanager
+def _connection(db: Any) -> Iterator[tuple[Any, transaction.TransactionManager]]:
     tm = transaction.TransactionManager(explicit=True)
     connection = db.open(transaction_manager=tm)
     try:
-        with tm:
-            root = connection.root()
-            created = incarnate(root)
-            if created:
-                log.info("prototypal awakening: incarnated %s", ", ".join(created))
-            interrupted = mark_interrupted(root, owner_alive)
-            if interrupted:
-                log.warning("marked %d interrupted cycle(s): %s", len(interrupted),
-                            ", ".join(interrupted))
-            meta = root["image_meta"]
-            if not meta.get("codex_ingested"):
-                ingest_golden_dataset(root, settings.codex, embedder)
-                meta["codex_ingested"] = time.time()
+        yield connection, tm
+    finally:
+        connection.close()
+
+
+def awaken_objects(db: Any, owner_alive: Callable[[dict[str, Any]], bool]) -> None:
+    """The primordial objects (fast): incarnate what is missing, mark dead kernels' cycles."""
+    from .cycle import mark_interrupted
+
+    with _connection(db) as (connection, tm), tm:
+        root = connection.root()
+        created = incarnate(root)
+        if created:
+            log.info("prototypal awakening: incarnated %s", ", ".join(created))
+        interrupted = mark_interrupted(root, owner_alive)
+        if interrupted:
+            log.warning("marked %d interrupted cycle(s): %s", len(interrupted),
+                        ", ".join(interrupted))
+
+
+def awaken_catalog(db: Any, settings: Settings, embedder: Any) -> None:
+    """Ingest the golden dataset into the catalog once per image (needs the embedder)."""
+    with _connection(db) as (connection, tm), tm:
+        root = connection.root()
+        meta = root["image_meta"]
+        if not meta.get("codex_ingested"):
+            ingest_golden_dataset(root, settings.codex, embedder)
+            meta["codex_ingested"] = time.time()
+
+
+def awaken_models(db: Any, settings: Settings) -> None:
+    """Store configured transformers models and incarnate the LoRA adapters."""
+    with _connection(db) as (connection, tm):
         for persona in PERSONAS:
             with tm:
                 persist_configured_model(connection.root(), settings, persona)
         with tm:
             incarnate_lora_adapters(connection.root(), settings.lora_dir)
-    finally:
-        connection.close()
 
 
 def ingest_golden_dataset(root: Any, path: str, embedder: Any) -> None:

@@ -41,6 +41,7 @@ from .protocol import (
     ProtocolError,
     Reply,
     RequestHandler,
+    check_endpoint,
     decode_request,
     endpoint_is_local,
     pack,
@@ -190,6 +191,10 @@ class Bridge:
         cache_bytes: int = 64 * 1024 * 1024,
         drain_timeout: float = 5.0,
     ) -> None:
+        try:
+            endpoint = check_endpoint(endpoint)
+        except ValueError as exc:
+            raise BridgeError(str(exc)) from None
         check_bind_allowed(endpoint, curve, allow_insecure_remote)
         self.handler = handler
         self.requested_endpoint = endpoint

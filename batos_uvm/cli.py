@@ -1,14 +1,20 @@
-"""Command line of ``batos.py``: run the kernel, open the shell, manage models and keys."""
+"""Command line of ``batos.py``: run the kernel, open the shell, manage models and keys.
+
+Exit status of the kernel: 0 after a clean stop (SIGINT/SIGTERM, also while it
+starts); 2 when it cannot start (a bad option or setting, an image it refuses,
+an address in use), with one line saying why.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
+import atexit
 import os
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
+from .argparsing import OneLineParser
 from .config import REPO_DIR, ConfigError, load_settings
 
 DEMO_CASSETTE = REPO_DIR / "demo" / "demo_cassette.jsonl"
@@ -24,6 +30,7 @@ commands:
 examples:
   python batos.py                                  # live_image.fs in the current directory
   python batos.py --demo                           # replayed answers from the demo cassette
+  python batos.py --db ~/batos/new/live_image.fs --create   # a new image in a new directory
   python batos.py --backend openai:http://127.0.0.1:8000/v1#qwen2.5
   python batos.py shell -c "print(ls(genesis))"
 """
@@ -40,10 +47,13 @@ def _kernel_options(parser: argparse.ArgumentParser, *, sub: bool = False) -> No
                         help="blob directory (default: the image path + .blob) [BATOS_BLOB_DIR]")
     parser.add_argument("--config", default=default,
                         help="a batos.toml settings file [BATOS_CONFIG]")
+    parser.add_argument("--create", action="store_true", default=default,
+                        help="create the image's directory if it does not exist (a new image "
+                        "is otherwise made only in an existing directory)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="batos.py",
         description="BAT OS kernel: a persistent, self-extending prototype object system.",
         epilog=EPILOG,
@@ -65,8 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--zeo",
-        help="serve the image over ZEO at HOST:PORT on loopback "
-        "(default 127.0.0.1:0, 'off' to disable) [BATOS_ZEO]",
+        help="serve the image over ZEO for the shell and other kernels: 'unix' (the default: "
+        "a socket in a directory only you can enter), HOST:PORT on loopback, or 'off' "
+        "[BATOS_ZEO]",
     )
     parser.add_argument("--workers", type=int, help="worker connections (default 2)")
     parser.add_argument(
@@ -90,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="allow a non-loopback endpoint without CURVE (not recommended)",
     )
-    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    parser.add_argument("--log-level", default="INFO", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command")
     shell = sub.add_parser("shell", help="interactive console on the living image")
     _kernel_options(shell, sub=True)
@@ -98,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     shell.add_argument("-c", dest="code", help="run CODE and exit")
     models = sub.add_parser("models", help="persona models and LoRA adapters in the image")
     _kernel_options(models, sub=True)
-    from .models_cli import add_models_parser
+    from .models_args import add_models_parser
 
     model_commands = models.add_subparsers(dest="models_command", required=True)
     add_models_parser(model_commands)
@@ -129,6 +142,7 @@ def settings_from(args: argparse.Namespace) -> Any:
             "embedder",
             "curve_dir",
             "allow_insecure_remote",
+            "create",
         )
     }
     if getattr(args, "demo", False):
@@ -138,22 +152,32 @@ def settings_from(args: argparse.Namespace) -> Any:
 
 def _models(args: argparse.Namespace, settings: Any) -> int:
     """Run a models command on the image, through the running kernel when there is one."""
-    from .image import open_image, open_zeo_client, running_kernel_address
+    from .image import ImageError, open_image, open_zeo_client, running_kernel_address
     from .models_cli import run_models_command
 
     address = running_kernel_address(settings.db_path) if settings.is_file_storage else None
     if address is not None:  # the kernel holds the file: go through its storage server
         db = open_zeo_client(address, settings)
         try:
-            status = run_models_command(args, db)
+            status = run_models_command(args, db, settings=settings)
         finally:
             db.close()
         if args.models_command == "list":
             _print_loaded(settings.endpoint)
         return status
-    image = open_image(settings, serve_zeo=False)
+    reading = args.models_command in ("list", "verify")
+    if reading and settings.is_file_storage and not settings.db_path.exists():
+        print(f"error: no image at {settings.db_path}. Start BAT OS once to create it "
+              f"(python batos.py --db {settings.db_path}), or name another with --db.",
+              file=sys.stderr)
+        return 1
     try:
-        return run_models_command(args, image.db)
+        image = open_image(settings, serve_zeo=False)
+    except ImageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return run_models_command(args, image.db, settings=settings)
     finally:
         image.close()
 
@@ -178,15 +202,11 @@ def main(argv: list[str] | None = None) -> int:
     # with numpy, the trial processes and the bridge.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=getattr(logging, str(getattr(args, "log_level", "INFO")).upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if logging.getLogger().level > logging.DEBUG:
-        for chatty in ("ZODB", "ZEO", "txn"):  # storage housekeeping, not news
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    from . import logs
+
+    logs.configure(getattr(args, "log_level", "INFO"))
     from .bridge import BridgeError
-    from .image import ImageError
+    from .image_path import ImageError
 
     try:
         settings = settings_from(args)
@@ -204,11 +224,25 @@ def main(argv: list[str] | None = None) -> int:
             from .cells.doctor import run_doctor
 
             return run_doctor(settings)
-        from .kernel import Kernel
+        from .boot import serve
 
-        return asyncio.run(Kernel(settings).run())
+        code = asyncio.run(serve(settings))
     except (ConfigError, ImageError, BridgeError) as exc:
         print(f"batos: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    exit_at_once(code)
+
+
+def exit_at_once(code: int) -> NoReturn:
+    """Exit now that everything is committed and closed.
+
+    Tearing down an interpreter that imported torch and friends takes seconds
+    after "shutdown complete" (freeing modules and their objects one by one);
+    nothing in that is worth waiting for. Exit handlers still run.
+    """
+    atexit._run_exitfuncs()  # logging.shutdown among them: log files are flushed
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -7,7 +7,9 @@ One request at a time per client (not thread-safe: use one client per thread). A
 silent kernel is detected within ``dead_after`` seconds; the socket is then closed,
 reopened and the *same* request id resent, which the kernel deduplicates. A request
 that changes state is never resent to a kernel that restarted meanwhile: that raises
-``RequestOutcomeUnknown``. See docs/PROTOCOL.md.
+``RequestOutcomeUnknown``. A ``KeyboardInterrupt`` while waiting leaves the request
+outstanding: ``resume()`` waits for its reply again (e.g. after cancelling its cycle
+through ``sibling().cancel(cycle_id)``). See docs/PROTOCOL.md.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from .protocol import (
     ProgressEvent,
     ProtocolError,
     Reply,
+    check_endpoint,
     decode_kernel_message,
     describe_validation_error,
     pack,
@@ -48,6 +51,10 @@ class BridgeClientError(Exception):
 
 class InvalidRequest(BridgeClientError, ValueError):
     """The request would be rejected by the kernel; nothing was sent."""
+
+
+class InvalidEndpoint(BridgeClientError, ValueError):
+    """The endpoint is not an address ZeroMQ can connect to; the message says what to type."""
 
 
 class KernelUnreachable(BridgeClientError):
@@ -106,6 +113,17 @@ class _Silence(Exception):
     """Internal: nothing heard from the kernel for dead_after seconds."""
 
 
+@dataclass
+class _Outstanding:
+    """The request a KeyboardInterrupt stopped waiting for (see ``resume``)."""
+
+    rid: str
+    payload: bytes
+    idempotent: bool
+    on_progress: ProgressHandler | None
+    deadline: float | None
+
+
 _UNSET: Any = object()
 _AUTH_EVENTS = (
     zmq.EVENT_HANDSHAKE_FAILED_AUTH
@@ -131,6 +149,10 @@ class BridgeClient:
     ) -> None:
         if dead_after <= heartbeat_interval:
             raise ValueError("dead_after must be longer than heartbeat_interval")
+        try:
+            endpoint = check_endpoint(endpoint)
+        except ValueError as exc:
+            raise InvalidEndpoint(str(exc)) from None
         self.endpoint = endpoint
         self.timeout = timeout
         self.heartbeat_interval = heartbeat_interval
@@ -144,6 +166,7 @@ class BridgeClient:
         self._monitor: zmq.Socket[Any] | None = None
         self.boot_id: str | None = None  # the kernel incarnation last heard from
         self._last_heard = 0.0  # monotonic time of the last message from the kernel
+        self._outstanding: _Outstanding | None = None
         self.reconnects = 0
 
     # -- socket management --------------------------------------------------------------------
@@ -157,10 +180,15 @@ class BridgeClient:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            if self.curve is not None:
-                self.curve.apply(sock)
-            self._monitor = sock.get_monitor_socket(_AUTH_EVENTS)
-            sock.connect(self.endpoint)
+            try:
+                if self.curve is not None:
+                    self.curve.apply(sock)
+                self._monitor = sock.get_monitor_socket(_AUTH_EVENTS)
+                sock.connect(self.endpoint)
+            except zmq.ZMQError as exc:
+                self._sock = sock
+                self._reset()  # closes both: a context with open sockets never terminates
+                raise InvalidEndpoint(f"cannot connect to {self.endpoint}: {exc}") from None
             self._sock = sock
         return self._sock
 
@@ -180,7 +208,23 @@ class BridgeClient:
         if self._sock is not None or self._monitor is not None:
             self._reset()
         if self._own_ctx:
-            self._ctx.term()
+            self._ctx.destroy(linger=0)  # never blocks, whatever is still open
+
+    def sibling(self, **overrides: Any) -> BridgeClient:
+        """Another client for the same kernel and keys, on its own socket (same context).
+
+        For a second request while one is outstanding, e.g. a ``cancel``.
+        """
+        options: dict[str, Any] = {
+            "timeout": self.timeout,
+            "heartbeat_interval": self.heartbeat_interval,
+            "dead_after": self.dead_after,
+            "retries": self.retries,
+            "curve": self.curve,
+            "max_message_bytes": self.max_message_bytes,
+            **overrides,
+        }
+        return BridgeClient(self.endpoint, context=self._ctx, **options)
 
     def __enter__(self) -> BridgeClient:
         return self
@@ -231,22 +275,49 @@ class BridgeClient:
             )
         timeout = self.timeout if timeout is _UNSET else timeout
         deadline = None if timeout is None else time.monotonic() + timeout
-        return self._exchange(rid, payload, command in IDEMPOTENT_COMMANDS, on_progress, deadline)
+        pending = _Outstanding(rid, payload, command in IDEMPOTENT_COMMANDS, on_progress, deadline)
+        self._outstanding = None
+        self._drain()  # what is left of an earlier request, if it was given up
+        return self._exchange(pending, delivered=False)
 
-    def _exchange(
-        self,
-        rid: str,
-        payload: bytes,
-        idempotent: bool,
-        on_progress: ProgressHandler | None,
-        deadline: float | None,
-    ) -> Reply:
-        self._drain()
+    @property
+    def outstanding(self) -> bool:
+        """Whether a request is waiting for its reply (its wait was interrupted)."""
+        return self._outstanding is not None and self._sock is not None
+
+    def resume(self) -> Reply:
+        """Wait again for the reply of the request whose wait a KeyboardInterrupt stopped."""
+        if not self.outstanding:
+            raise RuntimeError("no request is waiting for its reply")
+        assert self._outstanding is not None
+        return self._exchange(self._outstanding, delivered=True)
+
+    def _exchange(self, pending: _Outstanding, *, delivered: bool) -> Reply:
+        self._outstanding = pending
+        try:
+            reply = self._exchange_once(pending, delivered)
+        except KeyboardInterrupt:
+            raise  # still outstanding: resume() waits again
+        except BaseException:
+            self._outstanding = None
+            raise
+        self._outstanding = None
+        return reply
+
+    def _exchange_once(self, pending: _Outstanding, delivered: bool) -> Reply:
+        rid, payload, idempotent = pending.rid, pending.payload, pending.idempotent
+        on_progress, deadline = pending.on_progress, pending.deadline
         boot_at_send = self.boot_id
         attempt = restarts = 0
-        delivered = False
+        resumed = delivered
         while True:
             try:
+                if resumed:  # already sent: wait for its reply first
+                    resumed = False
+                    reply = self._await_reply(rid, on_progress, deadline, idempotent, boot_at_send)
+                    if reply is not None:
+                        return reply
+                    raise _Silence
                 wait = self._retry_wait(attempt)
                 stale = time.monotonic() - self._last_heard > self.heartbeat_interval
                 if not idempotent and (attempt or stale):
@@ -277,8 +348,9 @@ class BridgeClient:
             self._reset()
 
     def _retry_wait(self, attempt: int) -> float:
-        # the first send may wait out a whole dead_after; reconnections back off quickly,
-        # so a dead kernel is reported a few seconds after it went silent
+        # the first send may wait out a whole dead_after; reconnections back off quickly
+        # (0.25 s, 0.5, 1, 2, then dead_after), so a dead kernel is reported a few seconds
+        # after it went silent (about 5 s with the defaults; chat_client.py waits longer)
         return self.dead_after if attempt == 0 else min(self.dead_after, 0.25 * 2 ** (attempt - 1))
 
     def _send_when_connected(
@@ -470,6 +542,10 @@ class BridgeClient:
 
     def cycles(self, limit: int = 20, *, timeout: float | None = _UNSET) -> Reply:
         return self.request("cycles", {"limit": limit}, timeout=timeout)
+
+    def cancel(self, cycle_id: str, *, timeout: float | None = _UNSET) -> Reply:
+        """Ask the kernel to cancel a running cycle (COMPLETE: it is being cancelled)."""
+        return self.request("cancel", {"cycle_id": cycle_id}, timeout=timeout)
 
 
 def _earliest(a: float, b: float | None) -> float:

@@ -46,6 +46,7 @@ class Settings:
     max_message_bytes: int = 1024 * 1024
     curve_dir: str = ""  # directory with server.key_secret and authorized clients/
     allow_insecure_remote: bool = False
+    create: bool = False  # make the image's missing directories (--create)
     personas: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
@@ -147,4 +148,33 @@ def load_settings(
         raise ConfigError("cell_max_calls must be at least 1")
     if settings.method_timeout <= 0 or settings.trial_wall_seconds <= 0:
         raise ConfigError("method_timeout and trial_wall_seconds must be positive")
+    check_addresses(settings)
     return settings
+
+
+ZEO_OFF = frozenset({"", "off", "no", "false"})
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def check_addresses(settings: Settings) -> None:
+    """Refuse a malformed bridge endpoint or ZEO address before any slow work."""
+    from .protocol import check_endpoint
+
+    try:
+        settings.endpoint = check_endpoint(settings.endpoint)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    zeo = settings.zeo.strip()
+    if zeo.lower() in ZEO_OFF | {"unix"}:
+        return
+    host, _, port = zeo.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(
+            f"--zeo {zeo!r} must be 'unix' (the default), HOST:PORT on loopback "
+            "(e.g. 127.0.0.1:8100, port 0 for any free port) or 'off'"
+        )
+    if host not in LOOPBACK_HOSTS:
+        raise ConfigError(
+            f"--zeo {zeo!r}: the ZEO server binds loopback only (ZEO authenticates nobody); "
+            f"use 127.0.0.1:{port}"
+        )

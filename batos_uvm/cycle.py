@@ -4,13 +4,14 @@ The Prototypal State Machine's states are persistent objects in the image
 (``psm_prototypes_obj``); each answers ``process`` with a primitive registered
 here. A cycle moves IDLE -> DECOMPOSING -> DELEGATING -> SYNTHESIZING ->
 VALIDATING -> COMPLETE | FAILED, going back from VALIDATING to SYNTHESIZING
-with the reason while attempts remain.
+with the reason while attempts remain. A cycle asked to stop (its ``cancel``
+event) ends CANCELLED at once, whatever state it was in.
 
 Transactions: the cycle's record is committed as ACTIVE when the cycle starts
 (so a killed kernel leaves evidence, marked INTERRUPTED on restart). The work
 itself writes nothing. COMPLETE installs the method, adds the skill to the
-catalog and writes the record in ONE transaction; FAILED aborts everything
-and writes only the record, in a transaction of its own.
+catalog and writes the record in ONE transaction; FAILED and CANCELLED abort
+everything and write only the record, in a transaction of its own.
 """
 
 from __future__ import annotations
@@ -261,10 +262,38 @@ def register_state_primitives() -> None:
 # --- running a cycle ------------------------------------------------------------------
 
 
+CANCELLED_REASON = "cancelled on request; nothing was installed"
+
+
+class CycleCancelled(Exception):
+    """The cycle's cancel event was set while a state was working."""
+
+
+async def _unless_cancelled(work: Awaitable[str], cancel: asyncio.Event | None) -> str:
+    """The state's next state, or CycleCancelled as soon as ``cancel`` is set."""
+    if cancel is None:
+        return await work
+    if cancel.is_set():
+        if asyncio.iscoroutine(work):
+            work.close()
+        raise CycleCancelled
+    step = asyncio.ensure_future(work)
+    stop = asyncio.ensure_future(cancel.wait())
+    try:
+        await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stop.cancel()
+    if step.done():
+        return step.result()
+    step.cancel()  # a model call in a thread finishes there; its answer is dropped
+    await asyncio.gather(step, return_exceptions=True)
+    raise CycleCancelled
+
+
 @dataclass
 class CycleOutcome:
     cycle_id: str
-    status: str  # COMPLETE | FAILED
+    status: str  # COMPLETE | FAILED | CANCELLED
     reason: str | None
     replayed: bool
     version: int | None = None
@@ -277,7 +306,13 @@ class Orchestrator:
         self.services = services
 
     async def run(
-        self, connection: Any, brief: dict[str, Any], target_oid: bytes, progress: Progress
+        self,
+        connection: Any,
+        brief: dict[str, Any],
+        target_oid: bytes,
+        progress: Progress,
+        *,
+        cancel: asyncio.Event | None = None,
     ) -> CycleOutcome:
         selector = check_selector(brief.get("selector"))
         tm = connection.transaction_manager
@@ -300,19 +335,23 @@ class Orchestrator:
                     entry["left"] = entry["entered"]
                     break
                 prototype = getattr(machine, state_name)
-                next_state = await prototype.process(ctx)
+                next_state = await _unless_cancelled(prototype.process(ctx), cancel)
                 entry["left"] = time.time()
                 self._audit_artifacts(ctx, state_name)
                 if next_state not in STATES:
                     raise RuntimeError(f"state {state_name} answered unknown state {next_state!r}")
                 state_name = next_state
+        except CycleCancelled:
+            state_name, log.reason = "CANCELLED", CANCELLED_REASON
         except (CognitionUnavailable, CognitionError) as exc:
             state_name, log.reason = "FAILED", f"cognition: {exc}"
         except Exception as exc:  # a broken cycle fails; the kernel keeps running
             state_name, log.reason = "FAILED", f"internal error: {type(exc).__name__}: {exc}"
-        if state_name == "FAILED" and log.states[-1]["state"] != "FAILED":
-            log.states.append({"state": "FAILED", "entered": time.time(), "left": time.time()})
-            await progress({"cycle_id": log.cycle_id, "state": "FAILED", "detail": log.reason})
+        if state_name == "COMPLETE" and cancel is not None and cancel.is_set():
+            state_name, log.reason = "CANCELLED", CANCELLED_REASON  # before anything installs
+        if state_name in ("FAILED", "CANCELLED") and log.states[-1]["state"] != state_name:
+            log.states.append({"state": state_name, "entered": time.time(), "left": time.time()})
+            await progress({"cycle_id": log.cycle_id, "state": state_name, "detail": log.reason})
         tm.abort()
         if state_name == "COMPLETE":
             try:
@@ -323,8 +362,8 @@ class Orchestrator:
                 log.reason = f"install failed: {type(exc).__name__}: {exc}"
         log.outcome = state_name
         log.duration_s = round(time.time() - log.started, 4)
-        if state_name == "FAILED":
-            await _in_transaction(tm, lambda: self._record_failure(connection, log))
+        if state_name in ("FAILED", "CANCELLED"):
+            await _in_transaction(tm, lambda: self._record_failure(connection, log, state_name))
         audit_trail.record(
             log.cycle_id,
             log.brief,
@@ -407,12 +446,12 @@ class Orchestrator:
         connection.root()["active_cycles"].pop(log.cycle_id, None)
 
     @staticmethod
-    def _record_failure(connection: Any, log: CycleLog) -> None:
+    def _record_failure(connection: Any, log: CycleLog, status: str = "FAILED") -> None:
         cycles = connection.root()["cycles"]
         cycle = cycles.get(log.cycle_id)
         if cycle is None:
             cycle = cycles[log.cycle_id] = CycleRecord(log.cycle_id, {})
-        cycle.status = "FAILED"
+        cycle.status = status
         cycle.data = log.to_data()
         connection.root()["active_cycles"].pop(log.cycle_id, None)
 

@@ -11,7 +11,6 @@ an image across users. An address file beside the image tells them where.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -27,7 +26,35 @@ import ZODB
 import ZODB.FileStorage
 from ZODB.POSException import StorageError
 
-from .config import Settings
+from .config import LOOPBACK_HOSTS, ZEO_OFF, Settings
+from .image_path import (
+    ImageError,
+    ImageInUse,
+    ImageMissing,
+    ImagePathError,
+    check_image_location,
+    describe_os_error,
+    in_use_message,
+    lock_holder,
+    lock_is_held,
+    pid_alive,
+    preflight,
+)
+
+__all__ = [
+    "ImageError",
+    "ImageInUse",
+    "ImageDamaged",
+    "ImageMissing",
+    "ImagePathError",
+    "OpenImage",
+    "lock_holder",
+    "lock_is_held",
+    "open_image",
+    "preflight",
+    "open_zeo_client",
+    "running_kernel_address",
+]
 
 log = logging.getLogger("batos.image")
 
@@ -37,52 +64,8 @@ _TRANSACTION_HEADER = ">8sQcHHH"  # tid, length, status, user, description, exte
 _TRANSACTION_HEADER_SIZE = struct.calcsize(_TRANSACTION_HEADER)
 
 
-class ImageError(RuntimeError):
-    """The image cannot be opened; the message names the file and what to do."""
-
-
-class ImageInUse(ImageError):
-    pass
-
-
 class ImageDamaged(ImageError):
     pass
-
-
-def lock_holder(db_path: Path) -> str | None:
-    """The PID written in the FileStorage lock file, if any."""
-    try:
-        text = db_path.with_name(db_path.name + ".lock").read_text().strip()
-    except OSError:
-        return None
-    return text.split()[0] if text else None
-
-
-def lock_is_held(db_path: Path) -> bool:
-    """Whether some process holds the FileStorage lock (probed, never rewritten)."""
-    try:
-        handle = open(db_path.with_name(db_path.name + ".lock"), "rb")  # noqa: SIM115
-    except OSError:
-        return False
-    with handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return False
-
-
-def _pid_alive(pid: str | None) -> bool:
-    if not pid or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def check_image_file(db_path: Path) -> None:
@@ -97,7 +80,7 @@ def check_image_file(db_path: Path) -> None:
         return
     if lock_is_held(db_path):
         # A live kernel is writing it: what looks like a torn tail is its commit.
-        raise ImageInUse(_in_use_message(db_path, lock_holder(db_path)))
+        raise ImageInUse(in_use_message(db_path, lock_holder(db_path)))
     try:
         storage = ZODB.FileStorage.FileStorage(str(db_path), read_only=True)
     except (StorageError, OSError, ValueError, struct.error, KeyError) as exc:
@@ -175,6 +158,8 @@ class OpenImage:
         self.db.close()
         if self._server is not None:
             self._server.close()
+            if isinstance(self.zeo_address, str):  # our private socket: gone with the server
+                Path(self.zeo_address).unlink(missing_ok=True)
         elif self._storage is not None:
             self._storage.close()
         if self.address_file is not None:
@@ -196,7 +181,7 @@ def running_kernel_address(db_path: Path) -> Address | None:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-    if not _pid_alive(str(data.get("pid"))):
+    if not pid_alive(str(data.get("pid"))):
         return None
     if "socket" in data:
         return str(data["socket"])
@@ -223,25 +208,24 @@ def private_socket_path(db_path: Path) -> Path:
 
 def _open_file_storage(settings: Settings, *, read_only: bool = False) -> Any:
     db_path = settings.db_path
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    settings.blob_path.mkdir(parents=True, exist_ok=True)
+    location = check_image_location(settings, writable=not read_only, may_create=not read_only)
     check_image_file(db_path)
+    if not location.exists:
+        # A warning, so it shows at every log level a user runs with.
+        log.warning("no image at %s: creating a new, empty image there", db_path)
+        location.create_directories()
     try:
+        if not read_only:
+            settings.blob_path.mkdir(exist_ok=True)
         return ZODB.FileStorage.FileStorage(
             str(db_path), blob_dir=str(settings.blob_path), read_only=read_only
         )
+    except OSError as exc:
+        raise ImageError(describe_os_error(exc, db_path)) from None
     except Exception as exc:
         if type(exc).__name__ == "LockError":
-            raise ImageInUse(_in_use_message(db_path, lock_holder(db_path))) from None
+            raise ImageInUse(in_use_message(db_path, lock_holder(db_path))) from None
         raise
-
-
-def _in_use_message(db_path: Path, pid: str | None) -> str:
-    who = f"PID {pid}" if pid else "another process"
-    return (
-        f"image {db_path} is in use by {who}. Stop that kernel first, or open "
-        "the live image through it with `python batos.py shell`."
-    )
 
 
 def _parse_host_port(text: str) -> tuple[str, int]:
@@ -260,7 +244,7 @@ def open_image(
         return _open_uri(settings, cache_size)
     storage = _open_file_storage(settings, read_only=read_only)
     if serve_zeo is None:
-        serve_zeo = settings.zeo.lower() not in {"", "off", "no", "false"}
+        serve_zeo = settings.zeo.lower() not in ZEO_OFF
     if not serve_zeo:
         db = ZODB.DB(storage, cache_size=cache_size)
         return OpenImage(db=db, description=f"file {settings.db_path}", _storage=storage)
@@ -278,7 +262,7 @@ def _serve_over_zeo(settings: Settings, storage: Any, cache_size: int) -> OpenIm
             bind: Address = str(socket_path)
         else:
             host, port = _parse_host_port(settings.zeo)
-            if host not in {"127.0.0.1", "localhost", "::1"}:
+            if host not in LOOPBACK_HOSTS:
                 raise ImageError(f"the ZEO server binds loopback only (got {host})")
             bind = (host, port)
         server = StorageServer(bind, {"1": storage})

@@ -27,22 +27,24 @@ from ZODB.POSException import ConflictError
 
 from . import primitives
 from .audit import AuditTrail
-from .awakening import awaken
+from .awakening import awaken_catalog, awaken_models, awaken_objects
 from .cells.invocation import Invocation, MethodFailed, Refused, is_generated
-from .cells.pool import CellConfig, CellFailure, CellPool, CellTimeout
-from .cells.wire import Limits, ReprText
+from .cells.pool import CellConfig, CellFailure, CellPool
 from .cognition import Cognition
 from .config import PERSONAS, Settings
 from .cycle import (
+    PLANNER,
+    SYNTHESIZER,
     CycleOutcome,
     Orchestrator,
     register_state_primitives,
     run_candidate_trial,
 )
-from .image import OpenImage, open_image
-from .objects import SelectorNotUnderstood, UvmObject, check_selector, describe_briefly
+from .cycle_progress import CycleProgress
+from .image import OpenImage, open_image, preflight
+from .objects import SelectorNotUnderstood, UvmObject, check_selector
 from .protocol import (
-    MAX_REPR_CHARS,
+    CancelRequest,
     CycleRequest,
     CyclesRequest,
     InspectRequest,
@@ -52,7 +54,10 @@ from .protocol import (
     SendRequest,
     parse_target,
 )
-from .reprs import safe_repr
+from .readiness import NotReady, Readiness, in_daemon_thread
+from .recordings import recorded_briefs
+from .replies import SendFailed, completed, cycle_failed, to_wire
+from .services import KernelServices
 
 log = logging.getLogger("batos.kernel")
 
@@ -64,18 +69,24 @@ class TargetError(LookupError):
     pass
 
 
+# The parts a kernel loads after it starts answering (see Kernel.start).
+IMAGE, CATALOG, MODELS = "image", "catalog", "models"
+CYCLE_NEEDS = (CATALOG, MODELS)  # a cognitive cycle searches the catalog and asks models
+THINKING = {"DECOMPOSING": PLANNER, "SYNTHESIZING": SYNTHESIZER}  # who a state waits for
+
+
 @dataclass
 class _Joinable:
     future: asyncio.Future[CycleOutcome]
-    listeners: list[Callable[[dict[str, Any]], Awaitable[None]]]
+    progress: CycleProgress
 
 
 class Kernel:
     """One running BAT OS kernel. ``await run()`` until a signal or ``stop()``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, boot_id: str | None = None) -> None:
         self.settings = settings
-        self.boot_id = uuid.uuid4().hex
+        self.boot_id = boot_id or uuid.uuid4().hex
         self.started = time.time()
         self.image: OpenImage | None = None
         self.audit = AuditTrail(settings.metacognition_log)
@@ -88,21 +99,50 @@ class Kernel:
         self._cycles: dict[tuple[bytes, str], _Joinable] = {}
         self._stopping = asyncio.Event()
         self.orchestrator = Orchestrator(self)
-        self.cells = CellPool(cell_config(settings), size=settings.cells or settings.workers)
+        self.readiness = Readiness()
+        self.readiness.add(IMAGE, "the image")
+        self.readiness.add(CATALOG, "the knowledge catalog and its embedder")
+        self.readiness.add(MODELS, "configured models and LoRA adapters")
+        self.briefs = recorded_briefs(settings)
+        self.cells = CellPool(
+            CellConfig.from_settings(settings), size=settings.cells or settings.workers
+        )
 
     # -- life cycle ---------------------------------------------------------------------
-    async def start(self, *, serve_bridge: bool = True) -> None:
+    async def start(
+        self, *, serve_bridge: bool = True, wait_loaded: bool | None = None, bridge: Any = None
+    ) -> None:
+        """Answer first; load what is heavy in the background (docs/ARCHITECTURE.md).
+
+        Refused before anything slow happens and before anything is created: a
+        bad image path or a locked image (preflight), then a bridge address that
+        cannot be bound (the bridge binds first, so ``ping`` answers from here
+        on; ``bridge`` is one already bound, see boot.serve). The image opens and
+        its objects awaken (fast): sends, inspect and cycles are served. The
+        embedder, the golden dataset and the configured models load in the
+        background; work that needs them waits for them. Without a bridge nobody
+        can ask meanwhile, so by default ``start`` then returns once everything
+        is loaded.
+        """
         from .text import default_embedder
 
         self.loop = asyncio.get_running_loop()
+        if bridge is not None:
+            self.bridge, bridge.handler = bridge, self
+        else:
+            await asyncio.to_thread(preflight, self.settings)
+            if serve_bridge:
+                self.bridge = self._make_bridge()
+                await self.bridge.start()
         self.cells.warm()  # cells start in the background while the image opens
         try:
             self.image = await asyncio.to_thread(open_image, self.settings)
-        except BaseException:
-            await self.cells.close()  # no cell outlives a kernel that could not start
+            await asyncio.to_thread(awaken_objects, self.image.db, self._kernel_alive)
+        except BaseException as exc:
+            self.readiness.mark_failed(IMAGE, f"{type(exc).__name__}: {exc}")
+            await self.stop()
             raise
         self.embedder = default_embedder(self.settings.embedder)
-        await asyncio.to_thread(self._awaken)
         self._register_primitives()
         specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
         self.cognition = Cognition(specs, db=self.image.db)
@@ -110,30 +150,28 @@ class Kernel:
         self._background = [asyncio.create_task(self._save_index_now_and_then(), name="index")]
         for number in range(self.settings.workers):
             self._workers.append(asyncio.create_task(self._worker(number), name=f"worker-{number}"))
-        if serve_bridge:
-            from .bridge import Bridge, CurveServerConfig
-
-            curve = (
-                CurveServerConfig.from_dir(self.settings.curve_dir)
-                if self.settings.curve_dir
-                else None
-            )
-            self.bridge = Bridge(
-                self,
-                self.settings.endpoint,
-                max_message_bytes=self.settings.max_message_bytes,
-                curve=curve,
-                allow_insecure_remote=self.settings.allow_insecure_remote,
-                boot_id=self.boot_id,
-            )
-            await self.bridge.start()
+        self.readiness.mark_ready(IMAGE)
+        self.readiness.load_in_background(CATALOG, self._load_catalog)
+        self.readiness.load_in_background(MODELS, self._load_models)
         log.info("BAT OS kernel %s is live: image %s", self.boot_id[:8], self.image.description)
+        if wait_loaded if wait_loaded is not None else not serve_bridge:
+            await self.readiness.wait_all((CATALOG, MODELS))
 
-    def _awaken(self) -> None:
+    def _make_bridge(self) -> Any:
+        from .boot import make_bridge
+
+        return make_bridge(self.settings, self, self.boot_id)
+
+    async def _load_catalog(self) -> None:
         assert self.image is not None
-        awaken(self.image.db, self.settings, self.embedder, self._kernel_alive)
-        # Load the embedding model now, off the event loop, not during the first cycle.
-        self.embedder.encode(["BAT OS awakens"])
+        # The embedding model (torch, sentence-transformers: seconds) loads in a
+        # daemon thread: a kernel stopped meanwhile does not wait for it.
+        await in_daemon_thread(self.embedder.encode, ["BAT OS awakens"])
+        await in_daemon_thread(awaken_catalog, self.image.db, self.settings, self.embedder)
+
+    async def _load_models(self) -> None:
+        assert self.image is not None
+        await in_daemon_thread(awaken_models, self.image.db, self.settings)
 
     @property
     def identity(self) -> dict[str, Any]:
@@ -162,25 +200,32 @@ class Kernel:
         primitives.register("catalog.index", self._primitive_index)
         primitives.register("infer", self._primitive_infer)
 
-    async def run(self) -> int:
+    async def run(self, *, bridge: Any = None) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, self._stopping.set)
-        try:
-            await self.start()
-        except BaseException:
-            try:  # release what did start: cells, the image, its lock
-                await self.stop()
-            except Exception:  # the start failure is what the user must see
-                log.debug("cleaning up after a failed start failed", exc_info=True)
-            raise
+        await self.start(bridge=bridge)
+        loading = self.readiness.pending()
         print(
-            f"BAT OS kernel ready: bridge {self.bridge.endpoint}, image {self.image.description}",
+            f"BAT OS kernel answering: bridge {self.bridge.endpoint}, image "
+            f"{self.image.description}"
+            + (f"; loading in the background: {', '.join(loading)}" if loading else ""),
             flush=True,
         )
+        announce = asyncio.create_task(self._announce_ready(), name="announce-ready")
         await self._stopping.wait()
+        announce.cancel()
         await self.stop()
         return 0
+
+    async def _announce_ready(self) -> None:
+        try:
+            await self.readiness.wait_all(tuple(self.readiness.describe()["parts"]))
+        except NotReady as exc:
+            print(f"BAT OS kernel answering, but not everything loaded: {exc}", flush=True)
+            return
+        print(f"BAT OS kernel ready: everything loaded {time.time() - self.started:.1f} s "
+              "after start", flush=True)
 
     def request_stop(self) -> None:
         self._stopping.set()
@@ -189,6 +234,7 @@ class Kernel:
         log.info("shutting down")
         if self.bridge is not None:
             await self.bridge.stop()
+        await self.readiness.cancel()
         for task in [*self._workers, *self._background]:
             task.cancel()
         await asyncio.gather(*self._workers, *self._background, return_exceptions=True)
@@ -251,6 +297,9 @@ class Kernel:
         try:
             if isinstance(request, PingRequest):
                 return Reply.complete(self.status())
+            if isinstance(request, CancelRequest):
+                return self.cancel_cycle(request.cycle_id)
+            await self.readiness.wait(IMAGE)  # opened in a moment, even for a new image
             if isinstance(request, SendRequest):
                 return await self.send(
                     request.target, request.selector, request.args, request.kwargs, emit
@@ -281,10 +330,14 @@ class Kernel:
                 )
         except TargetError as exc:
             return Reply.error_reply("not_found", str(exc))
+        except NotReady as exc:
+            return Reply.failed("not_ready", str(exc))
         return Reply.error_reply("unknown_command", f"unsupported request {type(request).__name__}")
 
     def status(self) -> dict[str, Any]:
-        return {
+        """What ``ping`` answers: identity, image, cognition and readiness."""
+        readiness = self.readiness.describe()
+        status = {
             "boot_id": self.boot_id,
             "pid": os.getpid(),
             "image": self.image.description if self.image else None,
@@ -292,7 +345,30 @@ class Kernel:
             "cognition": self.cognition.describe(),
             "workers": len(self._workers),
             "cells": self.cells.describe(),
+            "ready": readiness["ready"],
+            "loading": readiness["loading"],
+            "parts": readiness["parts"],
         }
+        if self.briefs:
+            status["briefs"] = self.briefs
+        return status
+
+    def cancel_cycle(self, cycle_id: str) -> Reply:
+        """Ask a running cycle to stop; it ends CANCELLED and installs nothing."""
+        running = {j.progress.cycle_id: j for j in self._cycles.values() if j.progress.cycle_id}
+        matches = [c for c in running if c == cycle_id] or [
+            c for c in running if c.endswith(cycle_id) or c.startswith(cycle_id)
+        ]
+        if len(matches) != 1:
+            why = "matches several running cycles" if matches else "is not running in this kernel"
+            return Reply.failed(
+                "not_found",
+                f"cycle {cycle_id} {why}; running: {', '.join(sorted(running)) or 'none'} "
+                "(a finished cycle's outcome is in /cycles)",
+            )
+        running[matches[0]].progress.cancel.set()
+        log.info("cycle %s: cancellation requested", matches[0])
+        return Reply.complete({"cycle_id": matches[0], "cancelling": True})
 
     # -- messages ------------------------------------------------------------------------------
     async def send(
@@ -325,18 +401,18 @@ class Kernel:
                 )
                 outcome = await self.cycle_for(oid, brief, progress)
                 if outcome.status != "COMPLETE":
-                    return _cycle_failed(outcome)
+                    return cycle_failed(outcome)
             for _ in range(SEND_RETRIES):
                 answered, value = await self.submit(
                     lambda conn: self._try_send(conn, target, selector, args, kwargs)
                 )
                 if answered:
-                    return _completed(value, outcome)
+                    return completed(value, outcome)
                 if outcome is not None:
                     break
                 outcome = await self.cycle_for(value, brief, progress)
                 if outcome.status != "COMPLETE":
-                    return _cycle_failed(outcome)
+                    return cycle_failed(outcome)
         except TargetError:
             raise
         except SendFailed as exc:
@@ -393,7 +469,7 @@ class Kernel:
                     result = receiver.send(selector, *args, **kwargs)  # a slot read
                 # Made plain while the transaction is open: the reply is packed
                 # later, when this connection may already serve the next job.
-                answer = _to_wire(result, output)
+                answer = to_wire(result, output)
                 tm.commit()
                 return True, answer
             except ConflictError:
@@ -433,25 +509,31 @@ class Kernel:
         brief: dict[str, Any],
         progress: Callable[[dict[str, Any]], Awaitable[None]],
     ) -> CycleOutcome:
-        """Run a cycle for (target, selector), or join the one already running."""
+        """Run a cycle for (target, selector), or join the one already running.
+
+        The cycle waits for what it needs (the catalog, the models) if the
+        kernel is still loading, saying so; it repeats its state every few
+        seconds while a model thinks, and stops when its ``cancel`` is set.
+        """
         key = (oid, brief["selector"])
         running = self._cycles.get(key)
         if running is not None:
-            running.listeners.append(progress)
+            running.progress.add(progress)
             return await asyncio.shield(running.future)
-        joinable = _Joinable(asyncio.get_running_loop().create_future(), [progress])
+        broadcast = CycleProgress(progress, personas=THINKING)
+        joinable = _Joinable(asyncio.get_running_loop().create_future(), broadcast)
         self._cycles[key] = joinable
+        talking = asyncio.create_task(broadcast.keep_talking(), name="cycle-progress")
 
-        async def broadcast(event: dict[str, Any]) -> None:
-            for listener in list(joinable.listeners):
-                try:
-                    await listener(event)
-                except Exception:  # a vanished client must not break the cycle
-                    log.debug("progress listener failed", exc_info=True)
+        async def waiting(what: str, waited: float) -> None:
+            await broadcast({"state": "WAITING", "detail": f"the kernel is still loading {what}"})
 
         try:
+            await self.readiness.wait_all(CYCLE_NEEDS, waiting)
             outcome = await self.submit(
-                lambda conn: self.orchestrator.run(conn, brief, oid, broadcast)
+                lambda conn: self.orchestrator.run(
+                    conn, brief, oid, broadcast, cancel=broadcast.cancel
+                )
             )
             joinable.future.set_result(outcome)
             return outcome
@@ -461,6 +543,7 @@ class Kernel:
                 joinable.future.exception()  # joined or not, it was seen
             raise
         finally:
+            talking.cancel()
             self._cycles.pop(key, None)
 
     # -- services used by the cycle ------------------------------------------------------------
@@ -498,12 +581,14 @@ class Kernel:
     def _primitive_search(
         self, catalog: UvmObject, query: str, top_k: int = 5
     ) -> list[dict[str, Any]]:
+        self.readiness.wait_blocking(CATALOG, timeout=self.settings.method_timeout)
         hits = catalog.store.search(str(query), self.embedder, top_k=int(top_k))
         return [{"doc_id": h.doc_id, "text": h.text, "score": round(h.score, 4)} for h in hits]
 
     def _primitive_index(
         self, catalog: UvmObject, doc_id: str, text: str, metadata: dict[str, Any] | None = None
     ) -> int:
+        self.readiness.wait_blocking(CATALOG, timeout=self.settings.method_timeout)
         chunks = catalog.store.add_document(
             str(doc_id), str(text), dict(metadata or {}), self.embedder
         )
@@ -535,113 +620,6 @@ async def _read(connection: Any, work: Callable[[], Any]) -> Any:
         return work()
     finally:
         tm.abort()
-
-
-def _cycle_failed(outcome: CycleOutcome) -> Reply:
-    return Reply.failed(
-        "cycle_failed",
-        outcome.reason or "the cognitive cycle failed",
-        cycle_id=outcome.cycle_id,
-        replayed=outcome.replayed,
-    )
-
-
-class KernelServices:
-    """The kernel services of one invocation: the catalog of its connection, the personas."""
-
-    def __init__(self, kernel: Kernel, connection: Any) -> None:
-        self.kernel, self.connection = kernel, connection
-
-    async def search(self, query: str, top_k: int) -> list[dict[str, Any]]:
-        store = self.connection.root()["knowledge_catalog_obj"].store
-        hits = await self.kernel.search(store, query, top_k)
-        return [{"doc_id": h.doc_id, "text": h.text, "score": round(h.score, 4)} for h in hits]
-
-    async def ask(self, persona: str, prompt: str) -> str:
-        from .cognition import InferenceRequest
-
-        if persona not in PERSONAS:
-            raise Refused("ValueError", f"no persona {persona!r}; ask one of {', '.join(PERSONAS)}")
-        completion = await self.kernel.cognition.infer(
-            InferenceRequest(persona=persona, prompt=prompt)
-        )
-        return completion.text
-
-
-class SendFailed(Exception):
-    """A send whose method failed; ``kind`` is the reply's error kind."""
-
-    def __init__(self, kind: str, reason: str, output: str | None = None) -> None:
-        super().__init__(reason)
-        self.kind, self.output = kind, output or None
-
-    @classmethod
-    def from_exception(cls, exc: Exception, output: str) -> SendFailed:
-        if isinstance(exc, MethodFailed):
-            return cls("method_raised", str(exc), output)
-        if isinstance(exc, Refused):
-            return cls("method_raised", f"{exc.kind}: {exc}", output)
-        if isinstance(exc, CellTimeout):
-            return cls("method_timeout", str(exc), output)
-        return cls(getattr(exc, "kind", "cell_crashed"), f"the method's cell failed: {exc}", output)
-
-
-def _to_wire(value: Any, output: str | None = None) -> tuple[Any, str | None, str | None]:
-    """(value, None, output) when it travels as msgpack, else (None, a safe repr, output).
-
-    Built from plain data by exact types: no code of the image runs here.
-    """
-    if type(value) is ReprText:  # a result that is not plain data, shown as the cell saw it
-        return None, str.__str__(value)[:MAX_REPR_CHARS], output
-    if _is_plain(value, 0):
-        return value, None, output
-    return None, safe_repr(value, MAX_REPR_CHARS, describe=_describe_object), output
-
-
-def _is_plain(value: Any, depth: int) -> bool:
-    kind = type(value)
-    if kind is int:
-        return -(2**63) <= value < 2**64  # what msgpack carries
-    if kind in (type(None), bool, float, str, bytes):
-        return True
-    if depth > 64:
-        return False
-    if kind is list:
-        return all(_is_plain(v, depth + 1) for v in value)
-    if kind is dict:
-        return all(type(k) is str and _is_plain(v, depth + 1) for k, v in value.items())
-    return False
-
-
-def _describe_object(value: Any) -> str | None:
-    return describe_briefly(value) if isinstance(value, UvmObject) else None
-
-
-def _completed(
-    wire: tuple[Any, str | None, str | None], outcome: CycleOutcome | None
-) -> Reply:
-    value, text, output = wire
-    return Reply(
-        status="COMPLETE",
-        result=value,
-        result_repr=text,
-        cycle_id=outcome.cycle_id if outcome else None,
-        replayed=outcome.replayed if outcome else False,
-        output=output,
-    )
-
-
-def cell_config(settings: Settings) -> CellConfig:
-    """How this kernel's cells are contained (settings documented in docs/CELLS.md)."""
-    # A cell may answer more than a client may send, so that a method returning
-    # (or storing) its caller's argument never fails on a limit the argument alone set.
-    frame = max(4 * 2**20, 2 * settings.max_message_bytes + 64 * 1024)
-    return CellConfig(
-        memory_bytes=settings.cell_memory_mb * 2**20,
-        cpu_per_call=max(settings.method_timeout, settings.trial_wall_seconds) + 1,
-        max_calls=settings.cell_max_calls,
-        limits=Limits(max_bytes=frame),
-    )
 
 
 def recent_cycles(root: Any, limit: int) -> list[dict[str, Any]]:

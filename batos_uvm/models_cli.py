@@ -1,6 +1,6 @@
 """``python batos.py models ...``: store and inspect persona models and LoRA adapters.
 
-    models list                          personas, their models and adapters, sizes, sha256
+    models list                          each persona's cognition; stored models, adapters, sha256
     models add PERSONA SOURCE            SOURCE: model folder, cached model id, or a persona
     models add-adapter NAME PERSONA DIR  a PEFT LoRA folder for PERSONA's model
     models verify [PERSONA]              re-hash stored files against their sha256
@@ -18,34 +18,28 @@ import transaction
 from ZODB.POSException import ConflictError
 
 from . import weights as w
+from .config import PERSONAS, Settings
+from .models_args import add_models_parser
 from .weight_views import verify_record
 
+__all__ = ["add_models_parser", "check_persona", "describe_cognition", "run_models_command"]
 
-def add_models_parser(subparsers: Any) -> None:
-    """Add ``list``, ``add``, ``add-adapter`` and ``verify`` to the ``models`` command.
 
-    ``subparsers`` is the ``models`` parser's ``add_subparsers(dest="models_command")``.
-    """
-    sub = subparsers
-    sub.add_parser("list", help="personas, models, adapters, sizes and sha256")
-    add = sub.add_parser("add", help="store a model for a persona")
-    add.add_argument("persona", help="ALFRED, BRICK, ROBIN, BABS ...")
-    add.add_argument("source", help="model folder, model id in the local HF cache, or a persona")
-    add.add_argument("--replace", action="store_true", help="replace the persona's model")
-    add.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin weights")
-    adapter = sub.add_parser("add-adapter", help="store a PEFT LoRA adapter for a persona")
-    adapter.add_argument("name")
-    adapter.add_argument("persona")
-    adapter.add_argument("directory", help="folder with adapter_config.json")
-    adapter.add_argument("--force", action="store_true", help="accept another base model name")
-    adapter.add_argument("--replace", action="store_true", help="replace an adapter of that name")
-    adapter.add_argument("--allow-pickle", action="store_true", help="accept adapter_model.bin")
-    verify = sub.add_parser("verify", help="check stored files against their sha256")
-    verify.add_argument("persona", nargs="?", help="only this persona (default: all)")
+def check_persona(name: str) -> str:
+    """The persona's key; an unknown persona is refused with the list of personas."""
+    key = w.persona_key(name)
+    if key not in PERSONAS:
+        raise w.WeightError(f"unknown persona {name!r}; the personas are {', '.join(PERSONAS)}")
+    return key
 
 
 def run_models_command(
-    args: argparse.Namespace, db: Any, *, out: TextIO | None = None, err: TextIO | None = None
+    args: argparse.Namespace,
+    db: Any,
+    *,
+    out: TextIO | None = None,
+    err: TextIO | None = None,
+    settings: Settings | None = None,
 ) -> int:
     """Run one ``models`` sub-command against the image ``db`` (a ``ZODB.DB``)."""
     out, err = out or sys.stdout, err or sys.stderr
@@ -54,8 +48,10 @@ def run_models_command(
     try:
         root = conn.root()
         command = args.models_command
+        if getattr(args, "persona", None):
+            check_persona(args.persona)
         if command == "list":
-            return _list(root, out)
+            return _list(root, out, settings)
         if command == "verify":
             return _verify(w.library_from_root(root), args.persona, out, err)
         if "pLLM_obj" not in root:  # models stored before the kernel's first start
@@ -138,7 +134,33 @@ def _size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def _list(root: Any, out: TextIO) -> int:
+def describe_cognition(settings: Settings, persona: str) -> str:
+    """What a persona thinks with, as configured (``--backend``, ``batos.toml``)."""
+    from .cognition import CognitionError, parse_spec
+
+    try:
+        config = parse_spec(settings.persona_backend(persona))
+    except CognitionError as e:
+        return f"unusable setting: {e}"
+    kind = config["backend"]
+    if kind == "replay":
+        return f"replay of {config['path']} (recorded answers, not a model)"
+    if kind == "llama-cpp":
+        return f"llama-cpp: {config.get('model_path')}"
+    if kind == "openai":
+        return f"openai: {config.get('base_url')} model {config.get('model')}"
+    if kind == "transformers":
+        return "transformers: the model stored in the image for " + persona
+    return ("nothing configured (--backend, or [personas." + persona
+            + "] in batos.toml; see docs/MODELS.md)")
+
+
+def _list(root: Any, out: TextIO, settings: Settings | None = None) -> int:
+    if settings is not None:
+        print("persona  thinks with", file=out)
+        for persona in PERSONAS:
+            print(f"{persona:<8} {describe_cognition(settings, persona)}", file=out)
+        print(file=out)
     try:
         library = w.library_from_root(root)
     except w.WeightError as e:
@@ -177,11 +199,16 @@ def _verify(library: w.WeightLibrary, persona: str | None, out: TextIO, err: Tex
     missing = [k for k in keys if k not in library.models]
     if missing:
         raise w.WeightError(f"no model stored for persona {missing[0]}")
+    sharing: dict[int, list[str]] = {}  # a model several personas share is hashed once
+    for key, model in sorted(library.models.items()):
+        sharing.setdefault(id(model), []).append(key)
     checked: set[int] = set()
     problems: list[str] = []
     for key in keys:
         model = library.models[key]
-        items = [(f"persona {key}'s model {model.name}", model)]
+        owners = sharing[id(model)]
+        who = f"persona {owners[0]}'s" if len(owners) == 1 else f"personas {', '.join(owners)}'"
+        items = [(f"{who} model {model.name}", model)]
         items += [(f"persona {key}'s adapter {a.name}", a) for a in library.adapters_for(key)]
         for label, record in items:
             if id(record) in checked:
@@ -191,9 +218,6 @@ def _verify(library: w.WeightLibrary, persona: str | None, out: TextIO, err: Tex
             problems += found
             status = "ok" if not found else f"{len(found)} damaged file(s)"
             print(f"{label}: {len(record.files)} files, {status}", file=out)
-    for line in problems:
-        print(f"  {line}", file=out)
-    if problems:
-        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
-        print(f"error: {problems[0]}{more}", file=err)
+    for line in problems:  # once each, where errors go
+        print(f"error: {line}", file=err)
     return 1 if problems else 0

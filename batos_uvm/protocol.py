@@ -26,7 +26,7 @@ MAX_REASON_CHARS = 2000
 MAX_REPR_CHARS = 64 * 1024
 
 # Commands whose repetition has no side effect: a client may resend them freely.
-IDEMPOTENT_COMMANDS = frozenset({"ping", "inspect", "cycles", "heartbeat"})
+IDEMPOTENT_COMMANDS = frozenset({"ping", "inspect", "cycles", "heartbeat", "cancel"})
 
 # Error kinds the bridge itself produces (a handler may add its own, e.g. "not_found").
 ERR_MALFORMED = "malformed"  # not msgpack, not a map, wrong number of frames
@@ -38,6 +38,7 @@ ERR_DUPLICATE_ID = "duplicate_id"  # an id reused for a different request
 ERR_BUSY = "busy"  # too many requests in flight
 ERR_INTERNAL = "internal"  # the handler raised or returned something that is not a Reply
 ERR_SHUTDOWN = "shutting_down"  # the kernel stopped before the request finished
+ERR_CANCELLED = "cancelled"  # (kernel) the cognitive cycle was cancelled; nothing was installed
 
 _IDENT_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _HEX_OID_RE = re.compile(r"^0x[0-9a-fA-F]{1,16}$")
@@ -143,12 +144,27 @@ class CyclesRequest(_RequestBase):
     limit: int = Field(default=20, ge=1, le=1000)
 
 
+class CancelRequest(_RequestBase):
+    """Cancel a running cognitive cycle: it ends CANCELLED, recorded, nothing installed."""
+
+    command: Literal["cancel"] = "cancel"
+    cycle_id: Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
+
+
 Request = Annotated[
-    PingRequest | HeartbeatRequest | SendRequest | CycleRequest | InspectRequest | CyclesRequest,
+    PingRequest
+    | HeartbeatRequest
+    | SendRequest
+    | CycleRequest
+    | InspectRequest
+    | CyclesRequest
+    | CancelRequest,
     Field(discriminator="command"),
 ]
 REQUEST_ADAPTER: TypeAdapter[Any] = TypeAdapter(Request)
-COMMANDS = ("ping", "send", "initiate_cognitive_cycle", "inspect", "cycles", "heartbeat")
+COMMANDS = (
+    "ping", "send", "initiate_cognitive_cycle", "inspect", "cycles", "cancel", "heartbeat"
+)
 
 
 # -- kernel -> client -------------------------------------------------------------------------
@@ -369,6 +385,47 @@ def decode_kernel_message(frame: bytes) -> Any:
         return KERNEL_MESSAGE_ADAPTER.validate_python(obj)
     except ValidationError as exc:
         raise ProtocolError(ERR_INVALID, describe_validation_error(exc)) from None
+
+
+_TCP_ENDPOINT_RE = re.compile(r"^tcp://(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]+):(\d{1,5}|\*)$")
+_HOST_PORT_RE = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[^\s/:\[\]]*):(\d{1,5}|\*)$")
+ENDPOINT_HINT = "write tcp://HOST:PORT, e.g. tcp://127.0.0.1:5555 (or ipc://PATH)"
+
+
+def check_endpoint(endpoint: str) -> str:
+    """Return ``endpoint`` if ZeroMQ can use it; else raise ValueError saying what to type.
+
+    Accepted: ``tcp://HOST:PORT`` (PORT 1-65535; ``*`` or 0 binds any free port),
+    ``ipc://PATH`` and ``inproc://NAME``. The usual mistake, a missing scheme
+    (``127.0.0.1:5555``), is named as such with the corrected address.
+    """
+    text = endpoint.strip()
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        match = _HOST_PORT_RE.match(text)
+        if match:
+            host = match.group(1) or "127.0.0.1"
+            raise ValueError(
+                f"endpoint {endpoint!r} has no scheme: write tcp://{host}:{match.group(2)}"
+            )
+        raise ValueError(f"endpoint {endpoint!r} is not a ZeroMQ address; {ENDPOINT_HINT}")
+    if scheme in ("ipc", "inproc"):
+        if not rest:
+            raise ValueError(f"endpoint {endpoint!r} names no {scheme} path; {ENDPOINT_HINT}")
+        return text
+    if scheme != "tcp":
+        raise ValueError(
+            f"endpoint {endpoint!r}: unsupported scheme {scheme!r}; {ENDPOINT_HINT}"
+        )
+    match = _TCP_ENDPOINT_RE.match(text)
+    if not match:
+        raise ValueError(
+            f"endpoint {endpoint!r} is not of the form tcp://HOST:PORT (e.g. tcp://127.0.0.1:5555)"
+        )
+    port = match.group(2)
+    if port != "*" and not 0 <= int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r}: port {port} is not between 0 and 65535")
+    return text
 
 
 def endpoint_is_local(endpoint: str) -> bool:

@@ -30,7 +30,6 @@ import shutil
 import socket
 import sys
 import tempfile
-import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -43,6 +42,8 @@ from ZODB.POSException import ConflictError
 from . import image as img
 from . import primitives
 from .config import Settings
+from .listing import cycles_table, when
+from .logs import quiet_third_party
 from .objects import UvmObject, describe_briefly, format_oid, parse_oid
 
 __all__ = ["ReadOnlyShell", "ShellError", "ShellSession", "open_session", "run_code",
@@ -87,10 +88,6 @@ class HitList(list):  # type: ignore[type-arg]
 
 
 
-def _when(stamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
-
-
 # --- opening the image --------------------------------------------------------------
 
 
@@ -133,6 +130,7 @@ def open_session(settings: Settings, *, write: bool = False) -> ShellSession:
     if logging.getLogger().getEffectiveLevel() >= logging.INFO:
         for name in ("ZEO", "ZODB", "zc.lockfile"):  # they log every connection: noise here
             logging.getLogger(name).setLevel(logging.WARNING)
+    quiet_third_party()
     read_only = not write
     session = dict(read_only=read_only, settings=settings)
     if settings.db.startswith("zeo://"):
@@ -304,7 +302,7 @@ class ShellSession:
                              f"(versions 1..{len(history)})")
         cycle = f", cycle {record.cycle_id}" if record.cycle_id else ""
         return Listing(f"# {selector} v{record.version} of {len(history)}, {record.kind}, by "
-                       f"{record.author}{cycle}, {_when(record.created)}\n"
+                       f"{record.author}{cycle}, {when(record.created)}\n"
                        + obj.method_source(selector, record.version))
 
     def history(self, obj: Any, selector: str) -> Listing:
@@ -317,7 +315,7 @@ class ShellSession:
                     else f"{len((record.source or '').splitlines())} lines")
             cycle = f"  cycle {record.cycle_id}" if record.cycle_id else ""
             note = f"  ({record.note})" if record.note else ""
-            lines.append(f"  v{record.version}  {_when(record.created)}  {record.author:<9} "
+            lines.append(f"  v{record.version}  {when(record.created)}  {record.author:<9} "
                          f"{body}{cycle}{note}")
         return Listing("\n".join(lines))
 
@@ -326,15 +324,7 @@ class ShellSession:
         from .kernel import recent_cycles
 
         rows = recent_cycles(self.root, int(n)) if "cycles" in self.root else []
-        lines = []
-        for row in rows:
-            took = f"{row['duration_s']:.2f}s" if row.get("duration_s") is not None else "-"
-            reason = f"  {row['reason'][:80]}" if row.get("reason") else ""
-            replayed = " replayed" if row.get("replayed") else ""
-            lines.append(f"{row['cycle_id']}  {row['status']:<11} {row['selector']!s:<24} "
-                         f"on {row['target']}  {_when(row.get('started'))}  {took}  "
-                         f"{row['attempts']} attempt(s){replayed}{reason}")
-        return Listing("\n".join(lines) or "(no cycles yet)")
+        return Listing(cycles_table(rows))
 
     def cycle(self, cycle_id: str) -> dict[str, Any]:
         """The full record of one cycle (an id, or a unique prefix or suffix of one)."""
@@ -358,6 +348,9 @@ class ShellSession:
             from .text import embedder_from_name
 
             self._embedder = embedder_from_name(name)
+        if name is not None and getattr(self._embedder, "loaded", True) is False:
+            print(f"loading the embedding model {name} for the search (a few seconds, "
+                  "once per session) ...", file=sys.stderr, flush=True)
         return store.search(str(text), self._embedder if name else None, top_k=int(k))
 
     def find(self, text: str, k: int = 5) -> HitList:

@@ -59,6 +59,10 @@ class FakeKernel:
             return Reply.complete(
                 {"name": request.target, "slots": {"installed": sorted(self.installed)}}
             )
+        if command == "cancel":  # only the cycle "c-running" is running here
+            if request.cycle_id == "c-running":
+                return Reply.complete({"cycle_id": "c-running", "cancelling": True})
+            return Reply.failed("not_found", f"cycle {request.cycle_id} is not running")
         if command == "initiate_cognitive_cycle":
             brief = request.mission_brief
             return await self._cycle(request.target_oid, brief.selector, brief.args, progress)
@@ -90,6 +94,12 @@ class FakeKernel:
                 )
                 await asyncio.sleep(min(0.1, max(0.0, end - time.monotonic())))
             return Reply.complete("slept")
+        if selector == "stream":  # a model writing its answer, chunk by chunk
+            for chunk in args or ["def f(self):", "\n    return 1", "\n"]:
+                await progress(ProgressEvent(cycle_id="c-stream", state="SYNTHESIZING",
+                                             persona="BRICK", text=str(chunk)))
+                await asyncio.sleep(float(kwargs.get("pause", 0.3)))
+            return Reply.complete("streamed", cycle_id="c-stream")
         if selector == "freeze":  # blocks the whole event loop: the kernel falls silent
             time.sleep(float(args[0]) if args else 1.0)
             self.counters["frozen"] += 1
@@ -100,6 +110,9 @@ class FakeKernel:
             return "not a reply"  # type: ignore[return-value]
         if selector == "fail":
             return Reply.failed("cycle_failed", "the guardian rejected the method")
+        if selector == "cancelled":
+            return Reply.failed("cancelled", "cancelled on request; nothing was installed",
+                                cycle_id="c-running")
         if selector == "replayed":
             return Reply.complete("from the cassette", replayed=True)
         if selector == "unserialisable":

@@ -105,7 +105,13 @@ class KernelProcess:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self, timeout: float = 60.0) -> KernelProcess:
-        """Start the kernel and return once ``chat_client.py --ping`` answers."""
+        """Start the kernel and return once it reports everything loaded."""
+        self.launch()
+        self.wait_ready(timeout)
+        return self
+
+    def launch(self) -> KernelProcess:
+        """Start the kernel process and return at once."""
         if self.running:
             raise RuntimeError(f"{self.name} is already running (PID {self.pid})")
         with open(self.log_path, "ab") as log:
@@ -115,20 +121,21 @@ class KernelProcess:
                 self.argv(), cwd=self.workdir, env=run_env(), stdout=log,
                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         self.starts += 1
-        self.wait_ready(timeout)
         return self
 
     def wait_ready(self, timeout: float = 60.0) -> None:
+        """Until the kernel reports everything loaded (it answers ping sooner, while loading)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.running:
                 code = self.proc.returncode if self.proc else None
-                raise KernelFailed(f"{self.name} exited with code {code} before answering "
-                                   f"ping:\n{self.log_tail()}")
-            if self.ping(timeout=1.0):
+                raise KernelFailed(f"{self.name} exited with code {code} before it was "
+                                   f"ready:\n{self.log_tail()}")
+            status = self.status(timeout=1.0)
+            if status is not None and status.get("ready", True):
                 return
             time.sleep(0.05)
-        raise KernelFailed(f"{self.name} did not answer ping within {timeout} s:\n{self.log_tail()}")
+        raise KernelFailed(f"{self.name} was not ready within {timeout} s:\n{self.log_tail()}")
 
     @property
     def running(self) -> bool:
@@ -181,6 +188,16 @@ class KernelProcess:
         except subprocess.TimeoutExpired:
             return False
         return done.returncode == 0
+
+    def status(self, timeout: float = 2.0) -> dict[str, Any] | None:
+        """What ``ping`` answers (readiness among it), or None when nothing answers."""
+        try:
+            done = self.chat("--json", "--ping", "--timeout", str(timeout), timeout=timeout + 30)
+        except subprocess.TimeoutExpired:
+            return None
+        if done.returncode != 0:
+            return None
+        return json.loads(done.stdout).get("result") or {}
 
     def call(self, target: str, selector: str, *args: Any,
              timeout: float = 120.0) -> subprocess.CompletedProcess[str]:

@@ -39,12 +39,12 @@ async def _probe(config: Any) -> tuple[dict[str, str], float]:
 
 def run_doctor(settings: Any) -> int:
     """Print the layers' status; 1 when a layer this system could have is missing."""
-    from ..kernel import cell_config
+    from .pool import CellConfig
 
     print(f"BAT OS doctor: Python {platform.python_version()} on {platform.system()} "
           f"{platform.release()} ({platform.machine()})")
     try:
-        layers, seconds = asyncio.run(_probe(cell_config(settings)))
+        layers, seconds = asyncio.run(_probe(CellConfig.from_settings(settings)))
     except Exception as exc:  # noqa: BLE001 - the report is the point
         print(f"  a cell could not be started: {exc}")
         return 1

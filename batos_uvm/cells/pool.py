@@ -90,6 +90,19 @@ class CellConfig:
     limits: wire.Limits = field(default_factory=wire.Limits)
     unrestricted: bool = False  # full builtins: only for tests of the OS layers alone
 
+    @classmethod
+    def from_settings(cls, settings: Any) -> CellConfig:
+        """How a kernel with these settings contains its cells (docs/CELLS.md)."""
+        # A cell may answer more than a client may send, so that a method returning
+        # (or storing) its caller's argument never fails on a limit the argument set.
+        frame = max(4 * 2**20, 2 * settings.max_message_bytes + 64 * 1024)
+        return cls(
+            memory_bytes=settings.cell_memory_mb * 2**20,
+            cpu_per_call=max(settings.method_timeout, settings.trial_wall_seconds) + 1,
+            max_calls=settings.cell_max_calls,
+            limits=wire.Limits(max_bytes=frame),
+        )
+
     def child_config(self) -> dict[str, Any]:
         return {
             "memory_bytes": self.memory_bytes,
