@@ -207,9 +207,9 @@ def _verify(library: w.WeightLibrary, persona: str | None, out: TextIO, err: Tex
     for key in keys:
         model = library.models[key]
         owners = sharing[id(model)]
-        who = f"persona {owners[0]}'s" if len(owners) == 1 else f"personas {', '.join(owners)}'"
-        items = [(f"{who} model {model.name}", model)]
-        items += [(f"persona {key}'s adapter {a.name}", a) for a in library.adapters_for(key)]
+        who = f"persona{'s' if len(owners) > 1 else ''} {', '.join(owners)}"
+        items = [(f"model {model.name} ({who})", model)]
+        items += [(f"adapter {a.name} (persona {key})", a) for a in library.adapters_for(key)]
         for label, record in items:
             if id(record) in checked:
                 continue

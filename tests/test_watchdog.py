@@ -771,6 +771,8 @@ def test_real_kernel_is_supervised_through_the_default_probe(tmp_path):
             ),
             timeout=120,
         )
+        # the kernel answers while it still opens its image: stop it once the image is there
+        wait_for(lambda: (tmp_path / "live_image.fs").exists(), timeout=120)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
         assert not alive(pid)

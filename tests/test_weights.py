@@ -268,7 +268,7 @@ def test_models_command_line(image: TinyImage, models, tmp_path) -> None:
     assert record.files["model.safetensors"].sha256[:16] in out
     assert "adapter  brick_style for BRICK (active)  r=4" in out
     code, out, _ = cli(image, "models", "verify")
-    assert code == 0 and "persona ALFRED's model base: 6 files, ok" in out
+    assert code == 0 and "model base (personas ALFRED, BRICK): 6 files, ok" in out
     path = Path(
         image.library.adapters["brick_style"].files["adapter_model.safetensors"].blob.committed()
     )
