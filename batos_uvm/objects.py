@@ -110,7 +110,10 @@ def parse_oid(text: str) -> bytes:
 
 def describe_briefly(obj: Any) -> str:
     if isinstance(obj, UvmObject):
-        label = obj.__dict__.get("_label")
+        try:
+            label = _activate(obj).get("_label")  # a ghost has no state until activated
+        except Exception:  # a record that cannot be loaded still gets a name
+            label = None
         named = f" {label!r}" if label else ""
         return f"UvmObject oid={format_oid(obj._p_oid)}{named}"
     return repr(obj)

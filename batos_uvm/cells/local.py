@@ -47,7 +47,7 @@ class LocalCells:
 
     async def _run(self, receiver: Any, selector: str, args: list, kwargs: dict) -> Any:
         if self._pool is None:
-            self._pool = CellPool(self.config, size=self.size)
+            self._pool = CellPool(self.config, size=self.size, announce=False)
         invocation = Invocation(self._pool, timeout=self.timeout, services=NoServices())
         value = await invocation.call(receiver, selector, args, kwargs)
         if invocation.output:

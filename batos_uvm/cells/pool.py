@@ -288,7 +288,14 @@ async def _reap(proc: asyncio.subprocess.Process) -> None:
 class CellPool:
     """Warm cells for calls; more are started for nested calls, up to ``max_cells``."""
 
-    def __init__(self, config: CellConfig | None = None, size: int = 2, max_cells: int = 0):
+    def __init__(
+        self,
+        config: CellConfig | None = None,
+        size: int = 2,
+        max_cells: int = 0,
+        *,
+        announce: bool = True,
+    ) -> None:
         self.config = config or CellConfig()
         self.size = max(1, size)
         self.max_cells = max(max_cells, self.size * 4 + 8)
@@ -299,6 +306,7 @@ class CellPool:
         self._tasks: set[asyncio.Future[Any]] = set()  # starting and closing cells
         self._closed = False
         self.layers: dict[str, str] = {}
+        self.announce = announce  # say at the first start which layers protect cells
         self.started = 0  # cells started over the pool's life
         self.replaced = 0  # cells that died, were killed or retired
 
@@ -329,7 +337,8 @@ class CellPool:
         self.started += 1
         if not self.layers:
             self.layers = cell.layers
-            report_layers(cell.layers)
+            if self.announce:
+                report_layers(cell.layers)
         return cell
 
     async def ready(self) -> dict[str, str]:
