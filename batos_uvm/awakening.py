@@ -21,6 +21,7 @@ from persistent.mapping import PersistentMapping
 
 from .codex import PERSONA_CODEX, read_golden_dataset
 from .config import PERSONAS, Settings
+from .migration import IMAGE_FORMAT, backup_image, migrate_image, needs_migration
 from .objects import UvmObject
 
 log = logging.getLogger("batos.awakening")
@@ -32,7 +33,6 @@ PERSONA_ROOTS = {
     "ROBIN": "robin_prototype_obj",
     "BABS": "babs_prototype_obj",
 }
-IMAGE_FORMAT = 1
 
 
 def _weight_library() -> Any:
@@ -136,6 +136,9 @@ def awaken(
     connection = db.open(transaction_manager=tm)
     try:
         with tm:
+            if needs_migration(connection.root()):
+                migrate(connection, settings)
+        with tm:
             root = connection.root()
             created = incarnate(root)
             if created:
@@ -155,6 +158,20 @@ def awaken(
             incarnate_lora_adapters(connection.root(), settings.lora_dir)
     finally:
         connection.close()
+
+
+def migrate(connection: Any, settings: Settings) -> None:
+    """Bring an image of an older format up to date, after backing up its file."""
+    where = "no file backup (not a FileStorage image; its history keeps the old records)"
+    if settings.is_file_storage:
+        where = f"backup of the image file at {backup_image(settings.db_path)}"
+    log.warning("image format is older than %d: migrating (%s)", IMAGE_FORMAT, where)
+    started = time.monotonic()
+    converted = migrate_image(connection)
+    log.warning(
+        "image migrated to format %d: methods of %d object(s) moved into per-method records "
+        "in %.1f s; %s", IMAGE_FORMAT, converted, time.monotonic() - started, where,
+    )
 
 
 def ingest_golden_dataset(root: Any, path: str, embedder: Any) -> None:
