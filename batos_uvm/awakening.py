@@ -130,8 +130,11 @@ def awaken(
     db: Any, settings: Settings, embedder: Any, owner_alive: Callable[[dict[str, Any]], bool]
 ) -> None:
     """Bring an image to life for a starting kernel; each step commits on its own."""
+    from .catalog import set_index_directory
     from .cycle import mark_interrupted
 
+    if settings.is_file_storage:  # the catalog's vector index is kept beside the image
+        set_index_directory(settings.db_path.with_name(settings.db_path.name + ".catalog-index"))
     tm = transaction.TransactionManager(explicit=True)
     connection = db.open(transaction_manager=tm)
     try:
