@@ -216,30 +216,38 @@ class CatalogStore(Persistent):
         text: str,
         metadata: dict[str, Any] | None = None,
         embedder: Embedder | None = None,
+        *,
+        whole: bool = False,
     ) -> list[int]:
         """Split, chunk, embed and index one document; return its chunk ids.
 
         Re-adding an existing ``doc_id`` replaces its old chunks. With no
-        ``embedder``, the one the catalog was built with is used.
+        ``embedder``, the one the catalog was built with is used. With
+        ``whole=True`` a document of at most ``max_chars`` characters is one
+        chunk (for text that is not prose, such as a method's source: it is
+        embedded once instead of sentence by sentence).
         """
-        return self.add_documents([(doc_id, text, metadata)], embedder)[0]
+        return self.add_documents([(doc_id, text, metadata)], embedder, whole=whole)[0]
 
     def add_documents(
         self,
         items: Iterable[tuple[str, str, dict[str, Any] | None]],
         embedder: Embedder | None = None,
+        *,
+        whole: bool = False,
     ) -> list[list[int]]:
         """Add many ``(doc_id, text, metadata)`` documents, embedding in batches.
 
         All embedding happens before anything in the store changes, so a
-        failing embedder leaves the catalog as it was.
+        failing embedder leaves the catalog as it was. ``whole``: see
+        :meth:`add_document`.
         """
         docs = [self._validate(doc_id, text, metadata) for doc_id, text, metadata in items]
         if not docs:
             return []
         embedder = self._resolve(embedder)
         self._check_embedder(embedder, adopt=True)
-        prepared = self._prepare([text for _, text, _ in docs], embedder)
+        prepared = self._prepare([text for _, text, _ in docs], embedder, whole=whole)
 
         self._begin_change()
         added: list[int] = []
@@ -427,9 +435,15 @@ class CatalogStore(Persistent):
         # A private deep copy: later changes by the caller must not leak into the image.
         return doc_id, text, copy.deepcopy(dict(metadata or {}))
 
-    def _prepare(self, texts: list[str], embedder: Embedder) -> list[tuple[list[str], np.ndarray]]:
+    def _prepare(
+        self, texts: list[str], embedder: Embedder, *, whole: bool = False
+    ) -> list[tuple[list[str], np.ndarray]]:
         """Sentences -> semantic chunks -> chunk vectors, for many documents at once."""
-        sentence_lists = [split_long(split_sentences(t), self.max_chars) for t in texts]
+        sentence_lists = [
+            [t.strip()] if whole and len(t.strip()) <= self.max_chars
+            else split_long(split_sentences(t), self.max_chars)
+            for t in texts
+        ]  # fmt: skip
         # Sentence vectors are only needed to find topic shifts in longer documents.
         flat = [s for sentences in sentence_lists if len(sentences) > 1 for s in sentences]
         sentence_vectors = _check_vectors(embedder.encode(flat), len(flat), embedder)

@@ -25,7 +25,7 @@ from typing import Any
 
 from persistent import GHOST
 
-__all__ = ["dependent_count", "forget_dependents", "remember"]
+__all__ = ["dependent_count", "forget", "forget_dependents", "remember"]
 
 _lock = threading.Lock()
 _readers: weakref.WeakKeyDictionary[Any, dict[str, _Readers]] = weakref.WeakKeyDictionary()
@@ -52,7 +52,11 @@ class _Readers:
 
 
 def remember(reader: Any, name: str, searched: Iterable[Any]) -> None:
-    """``reader``'s cached entry for ``name`` depends on every object in ``searched``."""
+    """``reader``'s cached entry for ``name`` depends on every object in ``searched``.
+
+    The reader itself is not recorded here: its own writes reach its own
+    entries directly (:func:`forget`).
+    """
     with _lock:
         for obj in searched:
             by_name = _readers.get(obj)
@@ -64,11 +68,34 @@ def remember(reader: Any, name: str, searched: Iterable[Any]) -> None:
             readers.add(reader)
 
 
+def forget(obj: Any, name: str | None = None) -> int:
+    """``obj`` changed ``name`` (None: its parents, or anything): drop what depends on it."""
+    return _drop_own(obj, name) + forget_dependents(obj, name)
+
+
+def _drop_own(obj: Any, name: str | None) -> int:
+    if name is not None:
+        return drop_entry(obj, name)
+    if obj._p_state == GHOST:
+        return 0
+    state = object.__getattribute__(obj, "__dict__")
+    cache = state.get("_v_lookup")
+    if not cache:
+        return 0
+    for cached in list(cache):
+        state.pop(cached, None)  # each copy before its entry, as in drop_entry
+    dropped = len(cache)
+    state.pop("_v_lookup", None)
+    return dropped
+
+
 def forget_dependents(obj: Any, name: str | None = None) -> int:
     """Drop the cached entries that depend on ``obj`` (for ``name``, or for every name).
 
     Returns how many entries were dropped.
     """
+    if not _readers.get(obj):  # most writes: nobody depends on the object
+        return 0
     with _lock:
         by_name = _readers.get(obj)
         if not by_name:

@@ -38,8 +38,8 @@ from typing import Any, NamedTuple
 from persistent import GHOST, Persistent
 
 from . import primitives
-from .delegation import forget_dependents, remember
-from .method_store import MethodHistory, MethodTable
+from .delegation import forget, remember
+from .method_store import MethodTable, with_version
 
 __all__ = [
     "MethodRecord",
@@ -233,12 +233,12 @@ class UvmObject(Persistent):
         if not name.startswith("_"):
             # Lookups that passed through this object may now end elsewhere
             # (its own cached entry too: the new slot shadows it).
-            forget_dependents(self, None if name == "parents" else name)
+            forget(self, None if name == "parents" else name)
         Persistent.__setattr__(self, name, value)
 
     def __delattr__(self, name: str) -> None:
         if not name.startswith("_"):
-            forget_dependents(self, None if name == "parents" else name)
+            forget(self, None if name == "parents" else name)
         Persistent.__delattr__(self, name)
 
     def __getstate__(self) -> Any:
@@ -251,7 +251,7 @@ class UvmObject(Persistent):
     def _p_invalidate(self) -> None:
         # Another connection changed this object (or a transaction was
         # aborted): lookups that passed through it may be stale.
-        forget_dependents(self)
+        forget(self)
         Persistent._p_invalidate(self)
 
     # -- lookup ---------------------------------------------------------------
@@ -286,7 +286,7 @@ class UvmObject(Persistent):
             if cache is None:
                 cache = state["_v_lookup"] = {}
             cache[name] = found
-            remember(self, name, found.searched)
+            remember(self, name, found.searched[1:])
         return found
 
     def _walk(self, name: str) -> Found | None:
@@ -362,11 +362,10 @@ class UvmObject(Persistent):
             created=time.time(),
             **fields,
         )
-        if history is None:
-            table[selector] = _history_of([record])
-        else:
-            history.append(record)
-        forget_dependents(self, selector)
+        stored = with_version(history, record)
+        if stored is not history:
+            table[selector] = stored
+        forget(self, selector)
         return record
 
     def install_method(
@@ -440,7 +439,7 @@ class UvmObject(Persistent):
         if not _versions(_activate(self), selector):
             raise SelectorNotUnderstood(self, selector)
         del self._writable_method_table()[selector]
-        forget_dependents(self, selector)
+        forget(self, selector)
 
     # -- presentation ----------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -478,10 +477,10 @@ def _public(selector: str, receiver: Any) -> str:
     return selector
 
 
-def _history_of(records: list[MethodRecord]) -> MethodHistory:
-    history = MethodHistory()
+def _history_of(records: list[MethodRecord]) -> Any:
+    history = None
     for record in records:
-        history.append(record)
+        history = with_version(history, record)
     return history
 
 
