@@ -77,10 +77,11 @@ class VectorIndex:
         vectors = np.asarray(vectors, dtype=np.float32).reshape(len(ids), self.dim)
         if not len(ids):
             return
-        self.remove([i for i in ids.tolist() if self._holds(i)])
         if self._ann is not None:
+            self._ann.remove_ids(ids)  # a chunk added again replaces its vector
             self._ann.add_with_ids(vectors, ids)
             return
+        self.remove([i for i in ids.tolist() if i in self._rows])
         self._reserve(self._count + len(ids))
         end = self._count + len(ids)
         self._ids[self._count : end] = ids
@@ -108,11 +109,6 @@ class VectorIndex:
                 self._matrix[row] = self._matrix[last]
                 self._rows[moved] = row
             self._count = last
-
-    def _holds(self, chunk_id: int) -> bool:
-        if self._ann is not None:
-            return _ann_vector(self._ann, chunk_id) is not None
-        return chunk_id in self._rows
 
     def _reserve(self, rows: int) -> None:
         if rows <= len(self._ids):

@@ -207,11 +207,12 @@ def recall_at(store: CatalogStore, query: str, vector: np.ndarray, got: list[int
             if best > 0 and int(cid) in rows:
                 text[rows[int(cid)]] = score / best
     combined = 0.5 * text + 0.5 * np.clip(cosine, 0.0, 1.0)
-    if not (combined > 0).any():
+    relevant = min(k, int((combined > 0).sum()))  # chunks scoring 0 are never hits
+    if not relevant:
         return None
-    kth = np.sort(combined)[-k]
+    kth = np.sort(combined)[-relevant]
     score = dict(zip(ids.tolist(), combined.tolist(), strict=True))
-    return sum(score.get(cid, -1.0) >= kth - 1e-6 for cid in got[:k]) / k
+    return sum(score.get(cid, -1.0) >= kth - 1e-6 for cid in got[:relevant]) / relevant
 
 
 def stored_matrix(store: CatalogStore) -> tuple[np.ndarray, np.ndarray]:

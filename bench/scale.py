@@ -399,33 +399,6 @@ def table_methods(sizes: list[int], samples: int, workdir: Path) -> None:
 # --- catalog -------------------------------------------------------------------------
 
 
-def recall_at(store: Any, query: str, vector: Any, ids: Any, matrix: Any, got: list[int],
-              k: int) -> float | None:  # fmt: skip
-    """Share of ``got`` whose exact hybrid score reaches the exact k-th best.
-
-    The exact scores come from a brute-force scan of every chunk. Ties are why
-    it is not a set comparison: many generated chunks score alike, and any of
-    them is a right answer.
-    """
-    import numpy as np
-
-    cosine = matrix @ vector
-    text = np.zeros(len(ids))
-    results = store._text_index.search(query)
-    if results:
-        rows = {int(cid): row for row, cid in enumerate(ids)}
-        best = max(results.values())
-        for cid, score in results.items():
-            if best > 0 and int(cid) in rows:
-                text[rows[int(cid)]] = score / best
-    combined = 0.5 * text + 0.5 * np.clip(cosine, 0.0, 1.0)
-    if not (combined > 0).any():
-        return None
-    kth = np.sort(combined)[-k]
-    score = dict(zip(ids.tolist(), combined.tolist(), strict=True))
-    return sum(score.get(cid, -1.0) >= kth - 1e-6 for cid in got[:k]) / k
-
-
 def table_catalog(sizes: list[int], samples: int, workdir: Path) -> None:
     table = Table(
         "catalog: N chunks (hashing embedder, dim 384; query vectors computed in advance)",
@@ -443,17 +416,10 @@ def table_catalog(sizes: list[int], samples: int, workdir: Path) -> None:
         )  # fmt: skip
 
 
-def stored_matrix(store: Any) -> tuple[Any, Any]:
-    import numpy as np
-
-    ids = np.fromiter(store._vectors.keys(), dtype=np.int64)
-    return ids, np.vstack([np.frombuffer(store._vectors[int(i)], "<f4") for i in ids])
-
-
 def catalog_row(path: Path, count: int, samples: int) -> dict[str, Any]:
     import numpy as np
     import transaction
-    from catalog import QUERIES, PrecomputedQueries, make_sentences
+    from catalog import QUERIES, PrecomputedQueries, make_sentences, recall_at, stored_matrix
 
     from batos_uvm.catalog import CatalogStore
     from batos_uvm.text import HashingEmbedder
@@ -497,7 +463,7 @@ def catalog_row(path: Path, count: int, samples: int) -> dict[str, Any]:
     recall = []
     for query in QUERIES:
         got = [hit.chunk_id for hit in store.search(query, cached, 5)]
-        share = recall_at(store, query, vectors[query], ids, matrix, got, 5)
+        share = recall_at(store, query, vectors[query], got, 5, ids, matrix)
         if share is not None:
             recall.append(share)
     transaction.abort()
