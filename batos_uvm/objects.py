@@ -272,13 +272,14 @@ class UvmObject(Persistent):
 
     def _find(self, name: str) -> Found | None:
         """Where ``name`` is answered, from the lookup cache when nothing changed."""
-        state = _activate(self)
-        cache = state.get("_v_lookup")
+        cache = object.__getattribute__(self, "__dict__").get("_v_lookup")  # a ghost has none
         if cache is not None:
             found = cache.get(name)
             if found is not None:
-                self._p_getattr("parents")  # tell ZODB's cache this object is in use
+                self._p_getattr(name)  # tell ZODB's cache this object is in use
                 return found
+        state = _activate(self)
+        cache = state.get("_v_lookup")
         if name in state:
             return Found(self, state[name], False, (self,))
         found = self._walk(name)

@@ -165,3 +165,20 @@ def test_vector_index_exact_mode_adds_and_removes_in_place() -> None:
     assert dict(zip(ids.tolist(), cosine.tolist(), strict=True)) == {5: 1.0, 7: 1.0, 8: 0.0}
     assert len(index) == 3
     assert np.isnan(index.cosines(np.array([1, 0, 0], dtype=np.float32), np.array([6]))[0])
+
+
+def test_a_whole_document_is_one_chunk_embedded_once() -> None:
+    calls = []
+
+    class Counting(HashingEmbedder):
+        def encode(self, texts):
+            calls.append(list(texts))
+            return super().encode(texts)
+
+    store = CatalogStore()
+    source = "Skill m (m): a method. Source:\ndef m(self):\n    return self.x.y + 1.5\n"
+    ids = store.add_document("skill", source, None, Counting(64), whole=True)
+    assert len(ids) == 1 and store.get_chunk(ids[0]).text == source.strip()
+    assert calls == [[], [source.strip()]]  # no sentence vectors; the text once
+    long = "word " * 400  # longer than max_chars: chunked as usual
+    assert len(store.add_document("long", long, None, EMB, whole=True)) > 1
