@@ -366,8 +366,14 @@ class UvmObject(Persistent):
         stored = with_version(history, record)
         if stored is not history:
             table[selector] = stored
-        forget(self, selector)
+        self._methods_changed(selector)
         return record
+
+    def _methods_changed(self, selector: str) -> None:
+        forget(self, selector)
+        # The owner's own record is written too (it is small: the methods live
+        # elsewhere), so other connections invalidate it and drop their lookups.
+        self._p_changed = True
 
     def install_method(
         self,
@@ -440,7 +446,7 @@ class UvmObject(Persistent):
         if not _versions(_activate(self), selector):
             raise SelectorNotUnderstood(self, selector)
         del self._writable_method_table()[selector]
-        forget(self, selector)
+        self._methods_changed(selector)
 
     # -- presentation ----------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -466,7 +472,7 @@ class UvmObject(Persistent):
     def __repr__(self) -> str:
         state = _activate(self)
         slots = [name for name in SlotsView(self) if name != "parents"]
-        methods = sorted(self.methods())
+        methods = sorted(_selectors(state))
         parents = len(state.get("parents") or ())
         return f"<{describe_briefly(self)} slots={slots} methods={methods} parents={parents}>"
 
@@ -496,6 +502,11 @@ def _current_method(state: dict[str, Any], selector: str) -> MethodRecord | None
         history = legacy.get(selector)
         return history[-1] if history else None
     return None
+
+
+def _selectors(state: dict[str, Any]) -> list[str]:
+    table = state.get("_method_store")
+    return list(table.keys()) if table is not None else list(state.get("_methods") or ())
 
 
 def _versions(state: dict[str, Any], selector: str) -> list[MethodRecord]:

@@ -137,3 +137,27 @@ def test_an_aborted_write_leaves_no_stale_entry():
     transaction.abort()
     assert child.colour == "red"
     db.close()
+
+
+def test_a_method_installed_by_another_connection_reaches_cached_lookups():
+    db = ZODB.DB(MappingStorage())
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    proto = UvmObject()
+    proto.install_method("answer", "def answer(self):\n    return 1\n")
+    child = proto.clone()
+    conn.root().update(proto=proto, child=child)
+    tm.commit()
+    assert child.send("answer") == 1
+    other_tm = transaction.TransactionManager()
+    other = db.open(transaction_manager=other_tm)
+    other.root()["proto"].install_method("answer", "def answer(self):\n    return 2\n")
+    other_tm.commit()
+    tm.begin()
+    assert child.send("answer") == 2 and child.answer() == 2
+    other.root()["proto"].remove_method("answer")
+    other_tm.commit()
+    other.close()
+    tm.begin()
+    assert child.lookup("answer") is None
+    db.close()
