@@ -45,7 +45,6 @@ from ZODB.FileStorage import FileStorage  # noqa: E402
 from zope.index.text.stopdict import get_stopdict  # noqa: E402
 
 from batos_uvm.catalog import CatalogStore  # noqa: E402
-from batos_uvm.catalog_index import current_index  # noqa: E402
 from batos_uvm.text import default_embedder  # noqa: E402
 
 TOPICS = {
@@ -278,6 +277,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             shares = [recall_at(store, q, vectors[q], [h.chunk_id for h in store.search(q, cached, k)],
                                 k, ids, matrix) for q in QUERIES]  # fmt: skip
             return float(np.mean([s for s in shares if s is not None]))
+
+        from batos_uvm.catalog_index import current_index
 
         index = current_index(store)[0]
         results["recall_at_k"] = recall()
