@@ -302,10 +302,10 @@ def writes_row(path: Path, count: int, samples: int) -> dict[str, list[float]]:
     root = db.open().root()
     proto = root["proto"] = UvmObject(kind="bench")
     plain_proto = module.PlainPrototype()
-    uvm = list(LOBTree({i: UvmObject(parents=[proto], n=i) for i in range(count)}).values())
-    plain = [module.PlainObject(plain_proto, i) for i in range(count)]
-    root["uvm"], root["plain"] = uvm, plain
+    root["uvm"] = LOBTree({i: UvmObject(parents=[proto], n=i) for i in range(count)})
+    root["plain"] = LOBTree({i: module.PlainObject(plain_proto, i) for i in range(count)})
     transaction.commit()
+    uvm, plain = list(root["uvm"].values()), list(root["plain"].values())
     step = [0]
 
     def next_index() -> int:
