@@ -6,13 +6,13 @@ write. While it holds fewer than ``ann_threshold`` vectors it is a plain
 matrix and every search is exact. Past the threshold the vectors move into a
 faiss inverted-file index (IVF, inner product on unit vectors, float32): the
 vectors are grouped around ``nlist`` centroids, and a search scans the
-``nprobe`` groups nearest to the query, a tenth of the vectors, at a small
+``nprobe`` groups nearest to the query, an eighth of the vectors, at a small
 cost in recall (``bench/catalog.py`` reports recall@5 against the exact scan).
 
 Why IVF and not a graph (HNSW): on two cores, inserting 100k vectors of 384
 dimensions into an HNSW graph took minutes (usearch) and its recall on
 clustered texts was lower, while the IVF trains in seconds, adds a vector in
-microseconds and keeps recall at a tenth of the scan's cost.
+microseconds and keeps recall at an eighth of the scan's cost.
 
 It can be saved to a file and loaded again, so a restarted kernel neither
 re-embeds nor rebuilds the graph. The file is a cache: the catalog decides
@@ -33,7 +33,7 @@ __all__ = ["ANN_THRESHOLD", "VectorIndex", "ann_available"]
 
 ANN_THRESHOLD = 20_000  # below this a numpy scan is about as fast (~1.5 ms at 20k x 384)
 _NLIST = 256  # centroids; each list then holds ~80 (at 20k) to ~400 (at 100k) vectors
-_NPROBE = 24  # lists scanned per search: about a tenth of the vectors
+_NPROBE = 32  # lists scanned per search: an eighth of the vectors
 _TRAINING_POINTS = 64 * _NLIST  # enough for stable centroids, quick to train
 
 

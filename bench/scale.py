@@ -427,7 +427,7 @@ def catalog_row(path: Path, count: int, samples: int) -> dict[str, Any]:
     embedder = HashingEmbedder(dim=384)
     cached = PrecomputedQueries(embedder, QUERIES)
     vectors = dict(zip(QUERIES, embedder.encode(QUERIES), strict=True))
-    db = open_db(path)
+    db = open_db(path, cache_size=20_000)  # the kernel's object cache size
     store = db.open().root()["catalog"] = CatalogStore()
     sentences = make_sentences(count + 1000)
     started = time.perf_counter()
