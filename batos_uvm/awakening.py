@@ -22,6 +22,7 @@ from persistent.mapping import PersistentMapping
 
 from .codex import PERSONA_CODEX, read_golden_dataset
 from .config import PERSONAS, Settings
+from .migration import IMAGE_FORMAT, backup_image, migrate_image, needs_migration
 from .objects import UvmObject
 
 log = logging.getLogger("batos.awakening")
@@ -33,7 +34,6 @@ PERSONA_ROOTS = {
     "ROBIN": "robin_prototype_obj",
     "BABS": "babs_prototype_obj",
 }
-IMAGE_FORMAT = 1
 
 
 def _weight_library() -> Any:
@@ -135,7 +135,7 @@ def awaken(
     A serving kernel runs the three steps separately: the objects before it
     answers, the catalog and the models in the background (kernel.Kernel.start).
     """
-    awaken_objects(db, owner_alive)
+    awaken_objects(db, owner_alive, settings)
     awaken_catalog(db, settings, embedder)
     awaken_models(db, settings)
 
@@ -150,19 +150,31 @@ def _connection(db: Any) -> Iterator[tuple[Any, transaction.TransactionManager]]
         connection.close()
 
 
-def awaken_objects(db: Any, owner_alive: Callable[[dict[str, Any]], bool]) -> None:
-    """The primordial objects (fast): incarnate what is missing, mark dead kernels' cycles."""
+def awaken_objects(
+    db: Any, owner_alive: Callable[[dict[str, Any]], bool], settings: Settings | None = None
+) -> None:
+    """The primordial objects (fast): migrate an older image, incarnate what is missing,
+    mark dead kernels' cycles."""
+    from .catalog import set_index_directory
     from .cycle import mark_interrupted
 
-    with _connection(db) as (connection, tm), tm:
-        root = connection.root()
-        created = incarnate(root)
-        if created:
-            log.info("prototypal awakening: incarnated %s", ", ".join(created))
-        interrupted = mark_interrupted(root, owner_alive)
-        if interrupted:
-            log.warning("marked %d interrupted cycle(s): %s", len(interrupted),
-                        ", ".join(interrupted))
+    if settings is not None and settings.is_file_storage:
+        # the catalog's vector index is kept beside the image
+        set_index_directory(settings.db_path.with_name(settings.db_path.name + ".catalog-index"))
+    with _connection(db) as (connection, tm):
+        if settings is not None:
+            with tm:
+                if needs_migration(connection.root()):
+                    migrate(connection, settings)
+        with tm:
+            root = connection.root()
+            created = incarnate(root)
+            if created:
+                log.info("prototypal awakening: incarnated %s", ", ".join(created))
+            interrupted = mark_interrupted(root, owner_alive)
+            if interrupted:
+                log.warning("marked %d interrupted cycle(s): %s", len(interrupted),
+                            ", ".join(interrupted))
 
 
 def awaken_catalog(db: Any, settings: Settings, embedder: Any) -> None:
@@ -183,6 +195,20 @@ def awaken_models(db: Any, settings: Settings) -> None:
                 persist_configured_model(connection.root(), settings, persona)
         with tm:
             incarnate_lora_adapters(connection.root(), settings.lora_dir)
+
+
+def migrate(connection: Any, settings: Settings) -> None:
+    """Bring an image of an older format up to date, after backing up its file."""
+    where = "no file backup (not a FileStorage image; its history keeps the old records)"
+    if settings.is_file_storage:
+        where = f"backup of the image file at {backup_image(settings.db_path)}"
+    log.warning("image format is older than %d: migrating (%s)", IMAGE_FORMAT, where)
+    started = time.monotonic()
+    converted = migrate_image(connection)
+    log.warning(
+        "image migrated to format %d: methods of %d object(s) moved into per-method records "
+        "in %.1f s; %s", IMAGE_FORMAT, converted, time.monotonic() - started, where,
+    )
 
 
 def ingest_golden_dataset(root: Any, path: str, embedder: Any) -> None:

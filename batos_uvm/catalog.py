@@ -4,8 +4,15 @@ by keywords and by meaning, held entirely in the living image.
 A :class:`CatalogStore` is one persistent object. Everything it needs to
 answer a search after a restart is part of its pickled state: the documents,
 the chunks, the full-text index (a zope.index Okapi BM25 index and its
-lexicon) and one float32 embedding per chunk. Only a matrix of those
-embeddings is volatile (a ``_v_`` attribute) and is rebuilt on demand.
+lexicon), one float32 embedding per chunk, and a log of which chunks each
+change added and removed.
+
+Vectors are searched in memory (``batos_uvm.vector_index``): exactly while the
+catalog is small, through an HNSW graph past a threshold. That index is
+shared by every connection of the process and kept up to date from the
+change log, one change at a time, so a write never costs a rebuild; a change
+not yet committed is searched beside it. With :func:`set_index_directory` it
+is also saved to a file, so a restart loads it instead of rebuilding it.
 
 The caller owns the transaction: nothing here commits or aborts.
 """
@@ -13,7 +20,9 @@ The caller owns the transaction: nothing here commits or aborts.
 from __future__ import annotations
 
 import copy
+import logging
 import math
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -27,6 +36,7 @@ from persistent import Persistent
 from zope.index.text.lexicon import CaseNormalizer, Lexicon, Splitter, StopWordRemover
 from zope.index.text.okapiindex import OkapiIndex
 
+from batos_uvm.catalog_index import current_index, set_index_directory
 from batos_uvm.text import (
     Embedder,
     default_embedder,
@@ -36,12 +46,26 @@ from batos_uvm.text import (
     split_sentences,
 )
 
-__all__ = ["CatalogStore", "Chunk", "DocumentInfo", "EmbedderMismatchError", "Hit"]
+__all__ = [
+    "CatalogStore",
+    "Chunk",
+    "DocumentInfo",
+    "EmbedderMismatchError",
+    "Hit",
+    "set_index_directory",
+]
+
+log = logging.getLogger("batos.catalog")
 
 MAX_DOC_ID_CHARS = 512
 MAX_DOCUMENT_CHARS = 2_000_000
 MAX_QUERY_CHARS = 10_000
 _VECTOR_DTYPE = np.dtype("<f4")  # fixed byte order: images move between machines
+_LOG_KEPT = 4096  # change-log entries kept; an index further behind is rebuilt
+# With an approximate index, the exact hybrid score is computed for the best
+# chunks by vector and the best by keywords (both many times top_k), so a
+# chunk that ranks well on one and moderately on the other is still found.
+_CANDIDATES = 64
 
 
 class EmbedderMismatchError(ValueError):
@@ -101,6 +125,8 @@ class CatalogStore(Persistent):
     max_chars: int = 1000
     embedder_name: str | None = None
     dim: int | None = None
+    _changes: Any = None  # generation -> (added chunk ids, removed chunk ids, stamp)
+    _stamp = ""  # changes at every write: tells one history from another
 
     def __init__(
         self,
@@ -124,6 +150,7 @@ class CatalogStore(Persistent):
         self._last_chunk_id = 0
         self._chunk_count = 0
         self._generation = 0
+        self._changes = LOBTree()
 
     # ------------------------------------------------------------------ info
 
@@ -189,36 +216,47 @@ class CatalogStore(Persistent):
         text: str,
         metadata: dict[str, Any] | None = None,
         embedder: Embedder | None = None,
+        *,
+        whole: bool = False,
     ) -> list[int]:
         """Split, chunk, embed and index one document; return its chunk ids.
 
         Re-adding an existing ``doc_id`` replaces its old chunks. With no
-        ``embedder``, the one the catalog was built with is used.
+        ``embedder``, the one the catalog was built with is used. With
+        ``whole=True`` a document of at most ``max_chars`` characters is one
+        chunk (for text that is not prose, such as a method's source: it is
+        embedded once instead of sentence by sentence).
         """
-        return self.add_documents([(doc_id, text, metadata)], embedder)[0]
+        return self.add_documents([(doc_id, text, metadata)], embedder, whole=whole)[0]
 
     def add_documents(
         self,
         items: Iterable[tuple[str, str, dict[str, Any] | None]],
         embedder: Embedder | None = None,
+        *,
+        whole: bool = False,
     ) -> list[list[int]]:
         """Add many ``(doc_id, text, metadata)`` documents, embedding in batches.
 
         All embedding happens before anything in the store changes, so a
-        failing embedder leaves the catalog as it was.
+        failing embedder leaves the catalog as it was. ``whole``: see
+        :meth:`add_document`.
         """
         docs = [self._validate(doc_id, text, metadata) for doc_id, text, metadata in items]
         if not docs:
             return []
         embedder = self._resolve(embedder)
         self._check_embedder(embedder, adopt=True)
-        prepared = self._prepare([text for _, text, _ in docs], embedder)
+        prepared = self._prepare([text for _, text, _ in docs], embedder, whole=whole)
 
+        self._begin_change()
+        added: list[int] = []
+        removed: list[int] = []
         if self.embedder_name is None or self._chunk_count == 0:
             self.embedder_name, self.dim = embedder.name, int(embedder.dim)
         all_ids = []
         for (doc_id, text, metadata), (chunks, vectors) in zip(docs, prepared, strict=True):
-            self._remove(doc_id)
+            removed.extend(self._remove(doc_id))
             ids = []
             for position, (chunk_text, vector) in enumerate(zip(chunks, vectors, strict=True)):
                 self._last_chunk_id += 1
@@ -238,16 +276,18 @@ class CatalogStore(Persistent):
                 "added_at": time.time(),
             }
             self._chunk_count += len(ids)
+            added.extend(ids)
             all_ids.append(ids)
-        self._generation += 1
+        self._log_change(added, removed)
         return all_ids
 
     def remove_document(self, doc_id: str) -> bool:
         """Remove a document and its chunks; False if there was none."""
-        removed = self._remove(doc_id)
-        if removed:
-            self._generation += 1
-        return removed
+        if doc_id not in self._documents:
+            return False
+        self._begin_change()
+        self._log_change([], self._remove(doc_id))
+        return True
 
     def reindex(self, embedder: Embedder, batch_size: int = 256) -> int:
         """Re-embed every chunk with ``embedder`` (chunk boundaries are kept).
@@ -263,10 +303,11 @@ class CatalogStore(Persistent):
             encoded = _check_vectors(embedder.encode(texts), len(texts), embedder)
             for cid, vector in zip(batch, encoded, strict=True):
                 vectors[cid] = vector.astype(_VECTOR_DTYPE).tobytes()
+        self._begin_change()
         for cid, blob in vectors.items():
             self._vectors[cid] = blob
         self.embedder_name, self.dim = embedder.name, int(embedder.dim)
-        self._generation += 1
+        self._log_change(None, None)  # every vector changed: indexes start over
         return len(ids)
 
     # ------------------------------------------------------------- searching
@@ -300,25 +341,25 @@ class CatalogStore(Persistent):
         embedder = self._resolve(embedder)
         self._check_embedder(embedder, adopt=False)
 
-        ids, matrix = self._matrix()
         query_vector = _check_vectors(embedder.encode([query]), 1, embedder)[0]
-        # einsum, not BLAS: on few cores, multi-threaded BLAS right after a torch
-        # encode fights torch's still-spinning threads and gets 10-100x slower.
-        cosine = np.einsum("ij,j->i", matrix, query_vector)
-        text_norm = self._text_scores(query, ids)
+        ids, cosine, text_norm = self._score(query, query_vector, max(int(top_k), _CANDIDATES))
+        if not len(ids):
+            return []
         combined = self.text_weight * text_norm + (1.0 - self.text_weight) * np.clip(
             cosine, 0.0, 1.0
         )
-
-        k = min(int(top_k), len(ids))
-        top = np.argpartition(-combined, k - 1)[:k]
-        order = sorted(top.tolist(), key=lambda row: (-combined[row], ids[row]))
+        wanted = min(len(ids), int(top_k) + 16)  # a few spare: some may be gone in this view
+        threshold = -np.partition(-combined, wanted - 1)[wanted - 1]
+        rows = np.flatnonzero(combined >= threshold)  # with every tie at the boundary
+        order = rows[np.lexsort((ids[rows], -combined[rows]))]  # ties go to the older chunk
         hits = []
-        for row in order:
-            if combined[row] <= min_score:
+        for row in order.tolist():
+            if len(hits) == top_k or combined[row] <= min_score:
                 break
             chunk_id = int(ids[row])
-            record = self._chunks[chunk_id]
+            record = self._chunks.get(chunk_id)
+            if record is None:
+                continue  # removed in this connection's view, not yet in the shared index
             hits.append(
                 Hit(
                     chunk_id=chunk_id,
@@ -332,6 +373,44 @@ class CatalogStore(Persistent):
                 )
             )
         return hits
+
+    def _score(
+        self, query: str, vector: np.ndarray, candidates: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Chunk ids with their cosine and normalised BM25 scores, for every chunk
+        (exact) or for the best candidates by each (approximate)."""
+        index, added, removed = current_index(self)
+        text_ids, text_scores = self._text_hits(query)
+        with index.lock:
+            if not index.approximate:
+                ids, cosine = index.all_cosines(vector)
+            else:
+                ids, cosine = index.nearest(vector, candidates)
+                best_text = text_ids[np.argsort(-text_scores)[:candidates]]
+                extra = np.setdiff1d(best_text, ids)
+                extra_cosine = index.cosines(vector, extra)
+                held = ~np.isnan(extra_cosine)
+                ids = np.concatenate([ids, extra[held]])
+                cosine = np.concatenate([cosine, extra_cosine[held]])
+        if added:  # written in this transaction, not committed: scanned here
+            new_ids = np.fromiter(added, dtype=np.int64, count=len(added))
+            matrix = np.vstack([self._vector(cid) for cid in added])
+            keep = ~np.isin(ids, new_ids)
+            ids = np.concatenate([ids[keep], new_ids])
+            cosine = np.concatenate([cosine[keep], matrix @ vector])
+        if removed:
+            keep = ~np.isin(ids, np.fromiter(removed, dtype=np.int64, count=len(removed)))
+            ids, cosine = ids[keep], cosine[keep]
+        text_norm = np.zeros(len(ids), dtype=np.float64)
+        if len(text_ids):
+            best = float(text_scores.max())
+            if best > 0 and math.isfinite(best):
+                order = np.argsort(text_ids)
+                rows = np.searchsorted(text_ids, ids, sorter=order)
+                rows = np.minimum(rows, len(text_ids) - 1)
+                found = text_ids[order[rows]] == ids
+                text_norm[found] = text_scores[order[rows[found]]] / best
+        return ids, cosine.astype(np.float64), text_norm
 
     # -------------------------------------------------------------- internals
 
@@ -356,9 +435,15 @@ class CatalogStore(Persistent):
         # A private deep copy: later changes by the caller must not leak into the image.
         return doc_id, text, copy.deepcopy(dict(metadata or {}))
 
-    def _prepare(self, texts: list[str], embedder: Embedder) -> list[tuple[list[str], np.ndarray]]:
+    def _prepare(
+        self, texts: list[str], embedder: Embedder, *, whole: bool = False
+    ) -> list[tuple[list[str], np.ndarray]]:
         """Sentences -> semantic chunks -> chunk vectors, for many documents at once."""
-        sentence_lists = [split_long(split_sentences(t), self.max_chars) for t in texts]
+        sentence_lists = [
+            [t.strip()] if whole and len(t.strip()) <= self.max_chars
+            else split_long(split_sentences(t), self.max_chars)
+            for t in texts
+        ]  # fmt: skip
         # Sentence vectors are only needed to find topic shifts in longer documents.
         flat = [s for sentences in sentence_lists if len(sentences) > 1 for s in sentences]
         sentence_vectors = _check_vectors(embedder.encode(flat), len(flat), embedder)
@@ -394,17 +479,34 @@ class CatalogStore(Persistent):
             prepared.append((chunks, matrix))
         return prepared
 
-    def _remove(self, doc_id: str) -> bool:
+    def _remove(self, doc_id: str) -> list[int]:
+        """Remove a document's chunks; return their ids."""
         record = self._documents.get(doc_id)
         if record is None:
-            return False
+            return []
         for chunk_id in record["chunk_ids"]:
             self._text_index.unindex_doc(chunk_id)
             self._chunks.pop(chunk_id, None)
             self._vectors.pop(chunk_id, None)
         del self._documents[doc_id]
         self._chunk_count -= len(record["chunk_ids"])
-        return True
+        return list(record["chunk_ids"])
+
+    def _begin_change(self) -> None:
+        # The generation this transaction started from: the shared index holds
+        # committed changes only; later ones are searched beside it.
+        if not self._p_changed:
+            self._v_base_generation = self._generation
+
+    def _log_change(self, added: list[int] | None, removed: list[int] | None) -> None:
+        """Record one change (None: every vector changed) and move to the next generation."""
+        if self._changes is None:
+            self._changes = LOBTree()
+        self._generation += 1
+        self._stamp = secrets.token_hex(8)
+        entry = None if added is None else (tuple(added), tuple(removed or ()))
+        self._changes[self._generation] = (entry, self._stamp)
+        self._changes.pop(self._generation - _LOG_KEPT, None)
 
     def _doc_metadata(self, doc_id: str) -> dict[str, Any]:
         record = self._documents.get(doc_id)
@@ -430,41 +532,19 @@ class CatalogStore(Persistent):
                 f"call store.reindex(new_embedder) and commit the transaction."
             )
 
-    def _matrix(self) -> tuple[np.ndarray, np.ndarray]:
-        """Chunk ids (ascending) and their embeddings as one (n, dim) matrix.
+    def _vector(self, chunk_id: int) -> np.ndarray:
+        return np.frombuffer(self._vectors[chunk_id], dtype=_VECTOR_DTYPE).astype(np.float32)
 
-        Cached in a volatile attribute keyed by ``_generation``: ZODB drops
-        ``_v_`` attributes when the object is invalidated by another
-        connection's commit or by an abort, and a local change bumps the
-        generation, so the cache is never stale.
-        """
-        cache = getattr(self, "_v_matrix", None)
-        if cache is not None and cache[0] == self._generation:
-            return cache[1], cache[2]
-        ids = np.fromiter(self._vectors.keys(), dtype=np.int64, count=len(self._vectors))
-        blob = b"".join(self._vectors.values())
-        matrix = np.frombuffer(blob, dtype=_VECTOR_DTYPE).reshape(len(ids), int(self.dim))
-        matrix = matrix.astype(np.float32)  # native order, writable, C-contiguous
-        self._v_matrix = (self._generation, ids, matrix)
-        return ids, matrix
-
-    def _text_scores(self, query: str, ids: np.ndarray) -> np.ndarray:
-        """Per-row BM25 scores for the query, divided by the best one."""
-        scores = np.zeros(len(ids), dtype=np.float64)
+    def _text_hits(self, query: str) -> tuple[np.ndarray, np.ndarray]:
+        """Chunk ids and BM25 scores of the chunks holding a word of the query."""
         # OR over the query's words (stop words dropped by the lexicon); None
         # means the query had no indexable word at all.
         results = self._text_index.search(query)
         if not results:
-            return scores
-        hit_ids = np.fromiter(results.keys(), dtype=np.int64, count=len(results))
-        hit_scores = np.fromiter(results.values(), dtype=np.float64, count=len(results))
-        rows = np.searchsorted(ids, hit_ids)
-        valid = rows < len(ids)
-        valid[valid] = ids[rows[valid]] == hit_ids[valid]
-        best = float(hit_scores.max())
-        if best > 0 and math.isfinite(best):
-            scores[rows[valid]] = hit_scores[valid] / best
-        return scores
+            return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+        ids = np.fromiter(results.keys(), dtype=np.int64, count=len(results))
+        scores = np.fromiter(results.values(), dtype=np.float64, count=len(results))
+        return ids, scores
 
 
 def _check_vectors(vectors: Any, count: int, embedder: Embedder) -> np.ndarray:

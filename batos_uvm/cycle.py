@@ -224,7 +224,13 @@ async def process_validating(state: UvmObject, ctx: CycleContext) -> str:
             candidate["guardian"] = {"rule": violation.rule, "line": violation.line}
             reason = f"Persistence Guardian: {violation}"
     if reason is None:
-        trial = await ctx.services.trial(ctx, candidate)
+        # The skill's embedding is computed while the trial runs, on the other
+        # core; installing the method then finds it ready.
+        embedding = asyncio.ensure_future(ctx.services.prepare_skill(ctx.log, candidate["code"]))
+        try:
+            trial = await ctx.services.trial(ctx, candidate)
+        finally:
+            await asyncio.gather(embedding, return_exceptions=True)
         candidate["trial"] = trial.to_record()
         if not trial.ok:
             reason = f"trial run: {trial.reason}"

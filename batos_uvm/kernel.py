@@ -137,7 +137,9 @@ class Kernel:
         self.cells.warm()  # cells start in the background while the image opens
         try:
             self.image = await asyncio.to_thread(open_image, self.settings)
-            await asyncio.to_thread(awaken_objects, self.image.db, self._kernel_alive)
+            await asyncio.to_thread(
+                awaken_objects, self.image.db, self._kernel_alive, self.settings
+            )
         except BaseException as exc:
             self.readiness.mark_failed(IMAGE, f"{type(exc).__name__}: {exc}")
             await self.stop()
@@ -553,17 +555,15 @@ class Kernel:
     async def trial(self, ctx: Any, candidate: dict[str, Any]) -> Any:
         return await run_candidate_trial(ctx, candidate)
 
+    async def prepare_skill(self, cycle_log: Any, code: str) -> None:
+        """Embed a candidate's skill text ahead of time (the embedder keeps it), off the loop."""
+        await asyncio.to_thread(self.embedder.encode, [skill_text(cycle_log, code)])
+
     def index_skill(self, connection: Any, cycle_log: Any, code: str) -> None:
         store = connection.root()["knowledge_catalog_obj"].store
-        words = cycle_log.selector.replace("_", " ")
-        text = (
-            f"Skill {cycle_log.selector} ({words}): a method of {cycle_log.target} grown "
-            f"when it received {cycle_log.selector} with arguments "
-            f"{cycle_log.brief.get('args', [])}. Source:\n{code}"
-        )
         store.add_document(
             f"skill:{cycle_log.target}:{cycle_log.selector}",
-            text,
+            skill_text(cycle_log, code),
             {
                 "source": "cycle",
                 "cycle_id": cycle_log.cycle_id,
@@ -571,6 +571,7 @@ class Kernel:
                 "target": cycle_log.target,
             },
             self.embedder,
+            whole=True,  # source code: one chunk, embedded once
         )
 
     def services_for(self, connection: Any) -> KernelServices:
@@ -604,6 +605,16 @@ class Kernel:
         )
         future = asyncio.run_coroutine_threadsafe(self.cognition.infer(request), self.loop)
         return future.result(timeout=600).text
+
+
+def skill_text(cycle_log: Any, code: str) -> str:
+    """What the catalog learns from a grown method."""
+    words = cycle_log.selector.replace("_", " ")
+    return (
+        f"Skill {cycle_log.selector} ({words}): a method of {cycle_log.target} grown "
+        f"when it received {cycle_log.selector} with arguments "
+        f"{cycle_log.brief.get('args', [])}. Source:\n{code}"
+    )
 
 
 def _abort_quietly(tm: transaction.TransactionManager) -> None:

@@ -10,13 +10,17 @@ How reads stay cheap
     times a plain read once a class defines ``__getattr__``. UvmObject reads
     straight from the instance dict (``object.__getattribute__``); a ghost has
     an empty dict, so its first read misses and ``__getattr__`` activates it.
-    Values found in an ancestor (immutable values, persistent objects, bound
-    methods) are copied into the reader's dict as a volatile cache: never
-    pickled, dropped whenever a prototype changes in this process or is
-    invalidated by another connection.
+    Where a name was found in the delegation chain is cached per object (the
+    volatile ``_v_lookup``), and values found in an ancestor (immutable
+    values, persistent objects, bound methods) are also copied into the
+    reader's dict for plain reads: never pickled, dropped when an object they
+    depend on changes (``batos_uvm.delegation``). ``send`` and ``lookup`` of a
+    cached name cost a dict lookup, and tell ZODB's cache the receiver was
+    used, so objects in use are not the first it evicts.
 
 Methods
-    Each installed method keeps every version (source, author, time, cycle id).
+    Each installed method keeps every version (source, author, time, cycle id),
+    each in a record of its own outside the object (``batos_uvm.method_store``).
     Generated methods never run in the process holding the image: calling one
     runs it in a *cell*, a sandboxed worker process (``batos_uvm.cells``), and
     only its changes to the receiver's own slots come back. Kernel behaviour
@@ -27,15 +31,15 @@ Methods
 from __future__ import annotations
 
 import keyword
-import threading
 import time
-import weakref
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, NamedTuple
 
 from persistent import GHOST, Persistent
 
 from . import primitives
+from .delegation import forget, remember
+from .method_store import MethodTable, with_version
 from .reprs import safe_repr
 
 __all__ = [
@@ -45,7 +49,6 @@ __all__ = [
     "check_selector",
     "format_oid",
     "parse_oid",
-    "purge_delegation_caches",
 ]
 
 _IMMUTABLE = (int, float, complex, str, bytes, bool, type(None), frozenset)
@@ -64,7 +67,7 @@ class SelectorNotUnderstood(AttributeError):
 
 
 class MethodRecord(NamedTuple):
-    """One version of one method. Immutable; pickled inside its owner's state."""
+    """One version of one method. Immutable; pickled in a record of its own."""
 
     selector: str
     version: int
@@ -119,33 +122,7 @@ def describe_briefly(obj: Any) -> str:
     return repr(obj)
 
 
-# --- the delegation cache ---------------------------------------------------
-# Objects holding cached entries, and ancestors whose values were cached.
-_caching: weakref.WeakSet[UvmObject] = weakref.WeakSet()
-# Held strongly: a prototype that served a cached value must stay the object its
-# oid maps to, so that its writes and invalidations still reach the caches.
-_serving: set[UvmObject] = set()
-_cache_lock = threading.Lock()
-_generation = 0
-
-
-def purge_delegation_caches() -> None:
-    """Forget every value cached from an ancestor (a prototype changed)."""
-    global _generation
-    with _cache_lock:
-        _generation += 1
-        for obj in list(_caching):
-            state = object.__getattribute__(obj, "__dict__")
-            cached = state.get("_v_cached", set())
-            # Drop each value before its marker: if this is interrupted, a value
-            # is never left looking like one of the object's own slots.
-            for name in list(cached):
-                state.pop(name, None)
-                cached.discard(name)
-        _caching.clear()
-        _serving.clear()
-
-
+# --- the delegation cache (see batos_uvm.delegation) ---------------------------
 def _cacheable(value: Any) -> bool:
     if isinstance(value, _IMMUTABLE) or isinstance(value, Persistent):
         return True
@@ -258,13 +235,12 @@ class UvmObject(Persistent):
                 return state[name]
         if name.startswith("_"):
             raise AttributeError(f"{describe_briefly(self)} has no attribute {name!r}")
-        generation = _generation
-        found = self._find(name, include_own_slots=False)
+        found = self._find(name)
         if found is None:
             raise SelectorNotUnderstood(self, name)
         value = bind(found.value, self) if found.is_method else found.value
-        if _cacheable(value):
-            self._cache(name, value, found.searched, generation)
+        if name in state.get("_v_lookup", ()):
+            state[name] = value  # cached: the next read is a plain dict read
         return value
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -272,56 +248,29 @@ class UvmObject(Persistent):
             raise AttributeError(
                 f"{name!r} is an operation of every UvmObject and cannot be a slot"
             )
-        tracked = not name.startswith(("_v_", "_p_")) or name == "_p_changed"
-        if tracked:
-            self._unmark_cached(name)  # the local slot will shadow the cached value
+        if not name.startswith("_"):
+            # Lookups that passed through this object may now end elsewhere
+            # (its own cached entry too: the new slot shadows it).
+            forget(self, None if name == "parents" else name)
         Persistent.__setattr__(self, name, value)
-        if tracked and self in _serving:
-            purge_delegation_caches()
 
     def __delattr__(self, name: str) -> None:
-        self._unmark_cached(name)
+        if not name.startswith("_"):
+            forget(self, None if name == "parents" else name)
         Persistent.__delattr__(self, name)
-        if self in _serving:
-            purge_delegation_caches()
-
-    def _unmark_cached(self, name: str) -> None:
-        state = object.__getattribute__(self, "__dict__")
-        cached = state.get("_v_cached")
-        if cached and name in cached:
-            with _cache_lock:
-                cached.discard(name)
-                state.pop(name, None)
 
     def __getstate__(self) -> Any:
-        with _cache_lock:  # a purge in another thread must not change what is saved
-            state = Persistent.__getstate__(self)
-            cached = object.__getattribute__(self, "__dict__").get("_v_cached")
-            if cached:
-                state = {key: value for key, value in state.items() if key not in cached}
+        state = Persistent.__getstate__(self)
+        cached = object.__getattribute__(self, "__dict__").get("_v_lookup")
+        if cached:
+            state = {key: value for key, value in state.items() if key not in cached}
         return state
 
     def _p_invalidate(self) -> None:
-        # Another connection changed this object: values children cached from
-        # it may be stale.
-        if self in _serving:
-            purge_delegation_caches()
+        # Another connection changed this object (or a transaction was
+        # aborted): lookups that passed through it may be stale.
+        forget(self)
         Persistent._p_invalidate(self)
-
-    def _cache(
-        self, name: str, value: Any, searched: tuple[UvmObject, ...], generation: int
-    ) -> None:
-        with _cache_lock:
-            if generation != _generation:
-                return  # a prototype changed while we looked
-            state = object.__getattribute__(self, "__dict__")
-            state[name] = value
-            state.setdefault("_v_cached", set()).add(name)
-            _caching.add(self)
-            # A write to any object searched on the way could now shadow the
-            # value found, so each of them drops the caches when written.
-            for obj in searched:
-                _serving.add(obj)
 
     # -- lookup ---------------------------------------------------------------
     def ancestors(self) -> Iterator[UvmObject]:
@@ -339,18 +288,38 @@ class UvmObject(Persistent):
                 parents = (parents,)
             stack.extend(reversed(list(parents)))
 
-    def _find(self, name: str, *, include_own_slots: bool = True) -> Found | None:
+    def _find(self, name: str) -> Found | None:
+        """Where ``name`` is answered, from the lookup cache when nothing changed."""
+        cache = object.__getattribute__(self, "__dict__").get("_v_lookup")  # a ghost has none
+        if cache is not None:
+            found = cache.get(name)
+            if found is not None:
+                self._p_getattr(name)  # tell ZODB's cache this object is in use
+                return found
+        state = _activate(self)
+        cache = state.get("_v_lookup")
+        if name in state:
+            return Found(self, state[name], False, (self,))
+        found = self._walk(name)
+        if found is not None and (found.is_method or _cacheable(found.value)):
+            if cache is None:
+                cache = state["_v_lookup"] = {}
+            cache[name] = found
+            remember(self, name, found.searched[1:])
+        return found
+
+    def _walk(self, name: str) -> Found | None:
         searched: list[UvmObject] = []
         for obj in self.ancestors():
             searched.append(obj)
             state = _activate(obj)
-            if (obj is not self or include_own_slots) and name in state:
-                cached = state.get("_v_cached")
+            if name in state:
+                cached = state.get("_v_lookup")
                 if not (cached and name in cached):
                     return Found(obj, state[name], False, tuple(searched))
-            history = state.get("_methods", {}).get(name)
-            if history:
-                return Found(obj, history[-1], True, tuple(searched))
+            record = _current_method(state, name)
+            if record is not None:
+                return Found(obj, record, True, tuple(searched))
         return None
 
     def lookup(self, selector: str) -> Found | None:
@@ -389,28 +358,40 @@ class UvmObject(Persistent):
         return list(SlotsView(self))
 
     # -- methods --------------------------------------------------------------
-    def _method_table(self) -> dict[str, list[MethodRecord]]:
-        return _activate(self).get("_methods", {})
+    def _writable_method_table(self) -> MethodTable:
+        """This object's method table, created (or converted from the old layout) if needed."""
+        state = _activate(self)
+        table = state.get("_method_store")
+        if table is None:
+            table = MethodTable()
+            for selector, records in (state.get("_methods") or {}).items():
+                table[selector] = _history_of(records)
+            self._method_store = table
+            if "_methods" in state:
+                del self._methods
+        return table
 
     def _add_version(self, selector: str, **fields: Any) -> MethodRecord:
         check_selector(selector)
-        table = dict(self._method_table())
-        history = list(table.get(selector, ()))
+        table = self._writable_method_table()
+        history = table.get(selector)
         record = MethodRecord(
             selector=selector,
-            version=len(history) + 1,
+            version=(len(history) if history is not None else 0) + 1,
             created=time.time(),
             **fields,
         )
-        history.append(record)
-        table[selector] = history
-        self._methods = table  # a new dict: the assignment marks the object changed
-        state = object.__getattribute__(self, "__dict__")
-        if selector in state.get("_v_cached", ()):
-            state.pop(selector, None)
-            state["_v_cached"].discard(selector)
-        purge_delegation_caches()
+        stored = with_version(history, record)
+        if stored is not history:
+            table[selector] = stored
+        self._methods_changed(selector)
         return record
+
+    def _methods_changed(self, selector: str) -> None:
+        forget(self, selector)
+        # The owner's own record is written too (it is small: the methods live
+        # elsewhere), so other connections invalidate it and drop their lookups.
+        self._p_changed = True
 
     def install_method(
         self,
@@ -440,14 +421,18 @@ class UvmObject(Persistent):
 
     def methods(self) -> dict[str, MethodRecord]:
         """This object's own methods, current version of each."""
-        return {name: history[-1] for name, history in self._method_table().items()}
+        state = _activate(self)
+        table = state.get("_method_store")
+        if table is not None:
+            return {name: history.current() for name, history in table.items()}
+        return {name: history[-1] for name, history in (state.get("_methods") or {}).items()}
 
     def method_history(self, selector: str) -> list[MethodRecord]:
         """Every version of a method, oldest first (searching ancestors too)."""
         for obj in self.ancestors():
-            history = obj._method_table().get(selector)
+            history = _versions(_activate(obj), selector)
             if history:
-                return list(history)
+                return history
         raise SelectorNotUnderstood(self, selector)
 
     def method_source(self, selector: str, version: int | None = None) -> str:
@@ -459,7 +444,7 @@ class UvmObject(Persistent):
         self, selector: str, version: int, *, author: str = "architect"
     ) -> MethodRecord:
         """Make an earlier version current again, as a new version (history stays linear)."""
-        history = self._method_table().get(selector)
+        history = _versions(_activate(self), selector)
         if not history:
             raise SelectorNotUnderstood(self, selector)
         old = _version(history, selector, version)
@@ -473,11 +458,10 @@ class UvmObject(Persistent):
         )
 
     def remove_method(self, selector: str) -> None:
-        table = dict(self._method_table())
-        if table.pop(selector, None) is None:
+        if not _versions(_activate(self), selector):
             raise SelectorNotUnderstood(self, selector)
-        self._methods = table
-        purge_delegation_caches()
+        del self._writable_method_table()[selector]
+        self._methods_changed(selector)
 
     # -- presentation ----------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -503,7 +487,7 @@ class UvmObject(Persistent):
     def __repr__(self) -> str:
         state = _activate(self)
         slots = [name for name in SlotsView(self) if name != "parents"]
-        methods = sorted(state.get("_methods", {}))
+        methods = sorted(_selectors(state))
         parents = len(state.get("parents") or ())
         return f"<{describe_briefly(self)} slots={slots} methods={methods} parents={parents}>"
 
@@ -513,6 +497,39 @@ def _public(selector: str, receiver: Any) -> str:
     if not isinstance(selector, str) or selector.startswith("_"):
         raise SelectorNotUnderstood(receiver, str(selector))
     return selector
+
+
+def _history_of(records: list[MethodRecord]) -> Any:
+    history = None
+    for record in records:
+        history = with_version(history, record)
+    return history
+
+
+def _current_method(state: dict[str, Any], selector: str) -> MethodRecord | None:
+    """The current version of an object's own method, from its state (either layout)."""
+    table = state.get("_method_store")
+    if table is not None:
+        history = table.get(selector)
+        return history.current() if history is not None else None
+    legacy = state.get("_methods")  # images from before per-method records
+    if legacy:
+        history = legacy.get(selector)
+        return history[-1] if history else None
+    return None
+
+
+def _selectors(state: dict[str, Any]) -> list[str]:
+    table = state.get("_method_store")
+    return list(table.keys()) if table is not None else list(state.get("_methods") or ())
+
+
+def _versions(state: dict[str, Any], selector: str) -> list[MethodRecord]:
+    table = state.get("_method_store")
+    if table is not None:
+        history = table.get(selector)
+        return history.records() if history is not None else []
+    return list((state.get("_methods") or {}).get(selector, ()))
 
 
 def _version(history: list[MethodRecord], selector: str, version: int) -> MethodRecord:
@@ -544,7 +561,7 @@ class SlotsView(MutableMapping[str, Any]):
 
     def _visible(self, name: str) -> bool:
         state = self._state()
-        return not name.startswith("_") and name not in state.get("_v_cached", ())
+        return not name.startswith("_") and name not in state.get("_v_lookup", ())
 
     def __getitem__(self, name: str) -> Any:
         state = self._state()

@@ -12,6 +12,7 @@ only on the first ``encode`` call, never when this module is imported.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -21,8 +22,8 @@ import os
 import re
 import threading
 import warnings
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections import Counter, OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -266,6 +267,29 @@ def _load_minilm(device: str) -> Any:
         return model
 
 
+_threads_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None) -> Iterator[None]:
+    """Run torch with ``count`` intra-op threads for a moment (None: as configured)."""
+    if not count:
+        yield
+        return
+    import torch
+
+    with _threads_lock:
+        before = torch.get_num_threads()
+        if before == count:
+            yield
+            return
+        torch.set_num_threads(count)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+
 class MiniLMEmbedder:
     """Semantic sentence embeddings from all-MiniLM-L6-v2 (384 dimensions).
 
@@ -273,14 +297,34 @@ class MiniLMEmbedder:
     on the first ``encode`` call (sentence-transformers and torch are
     imported then, not before) and shared by all instances in the process.
     Texts longer than 256 word pieces are truncated by the model.
+
+    Tuned for queries on a CPU: a call with at most ``small_batch`` texts (a
+    search query) runs on ``query_threads`` torch threads, since on few,
+    shared cores one thread is several times faster for one short text than
+    many threads fighting over them; larger batches (indexing documents) use
+    torch's default. The last ``cache_size`` single texts and their vectors are
+    kept, so a repeated query is not embedded again.
     """
 
     name = MINILM_NAME
     dim = MINILM_DIM
 
-    def __init__(self, device: str = "cpu", batch_size: int = 64) -> None:
+    def __init__(
+        self,
+        device: str = "cpu",
+        batch_size: int = 64,
+        *,
+        query_threads: int | None = 1,
+        small_batch: int = 4,
+        cache_size: int = 1024,
+    ) -> None:
         self.device = device
         self.batch_size = batch_size
+        self.query_threads = query_threads if device == "cpu" else None
+        self.small_batch = small_batch
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._cache_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"MiniLMEmbedder(device={self.device!r})"
@@ -292,14 +336,34 @@ class MiniLMEmbedder:
     def encode(self, texts: list[str]) -> np.ndarray:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        texts = list(texts)
+        if len(texts) > self.small_batch:
+            return self._encode(texts, threads=None)
+        with self._cache_lock:
+            known = {t: self._cache[t] for t in texts if t in self._cache}
+            for text in known:
+                self._cache.move_to_end(text)
+        missing = [t for t in dict.fromkeys(texts) if t not in known]
+        if missing:
+            fresh = self._encode(missing, threads=self.query_threads)
+            fresh.flags.writeable = False  # cached rows are shared by every caller
+            with self._cache_lock:
+                for text, vector in zip(missing, fresh, strict=True):
+                    known[text] = self._cache[text] = vector
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return np.stack([known[t] for t in texts])
+
+    def _encode(self, texts: list[str], *, threads: int | None) -> np.ndarray:
         model = _load_minilm(self.device)
-        vectors = model.encode(
-            list(texts),
-            batch_size=self.batch_size,
-            convert_to_numpy=True,
-            normalize_embeddings=True,
-            show_progress_bar=False,
-        )
+        with _torch_threads(threads):
+            vectors = model.encode(
+                texts,
+                batch_size=self.batch_size,
+                convert_to_numpy=True,
+                normalize_embeddings=True,
+                show_progress_bar=False,
+            )
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.shape != (len(texts), self.dim):
             raise RuntimeError(f"{self.name} returned shape {vectors.shape}")

@@ -1,11 +1,11 @@
 """Synaptic bridge benchmark: round trips through BridgeClient + Bridge versus raw ZeroMQ.
 
-    python bench/bridge.py [--n 3000] [--rounds 5] [--concurrent 4] [--fake]
+    python bench/bridge.py [--n 3000] [--rounds 5] [--clients 1,4,16,64] [--fake]
 
 Baseline, measured in the same run: a raw pyzmq DEALER -> ROUTER echo that decodes and
-re-encodes an ormsgpack map (server in a thread of this process). For reference it also
-measures a bare zmq.asyncio echo in another process: what crossing a process and an event
-loop costs before any protocol work (the kernel pays it too). Measured:
+re-encodes an ormsgpack map, served by another process, as the kernel is. For reference
+it also measures a bare zmq.asyncio echo in another process: what an event loop costs
+before any protocol work (the kernel pays it too). Measured:
 
 * ping: BridgeClient.ping() against a real kernel (``batos.py`` with the demo replay
   cassette and a fresh image): validation, dedup bookkeeping, one task per request,
@@ -14,10 +14,11 @@ loop costs before any protocol work (the kernel pays it too). Measured:
   report_the_current_system_time), which the kernel runs in its worker pool.
 
 Sequential measurements are interleaved in ``--rounds`` rounds, so a change of machine
-load hits baseline and bridge alike; rates are medians over rounds. Then each is run from
-``--concurrent`` client processes at once (p99 and total throughput). ``--fake`` (or a
-kernel that does not start) measures tests/fake_kernel_bridge.py instead, whose send
-handler adds numbers in-process; the output says which was measured.
+load hits baseline and bridge alike; rates are min / median / max over rounds. Then each
+is run from 1, 4, 16 and 64 client processes at once (``--clients``): total throughput
+over the window in which all clients ran, and p50/p99 latency. ``--fake`` (or a kernel
+that does not start) measures tests/fake_kernel_bridge.py instead, whose send handler
+adds numbers in-process; the output says which was measured.
 Goals: ping >= 0.5x raw, send >= 0.3x. Not a test: it prints figures and ratios.
 """
 
@@ -29,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -40,7 +40,9 @@ import ormsgpack
 import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
+
+from benchutil import machine_load  # noqa: E402
 
 from batos_uvm.client import BridgeClient  # noqa: E402
 
@@ -55,19 +57,22 @@ asyncio.run(main())
 """
 
 
-def raw_echo_server(ready: threading.Event, box: dict, stop: threading.Event) -> None:
-    ctx = zmq.Context()
-    sock = ctx.socket(zmq.ROUTER)
-    box["endpoint"] = f"tcp://127.0.0.1:{sock.bind_to_random_port('tcp://127.0.0.1')}"
-    ready.set()
-    while not stop.is_set():
-        if sock.poll(100):
-            ident, frame = sock.recv_multipart()
-            msg = ormsgpack.unpackb(frame)
-            reply = {"v": 1, "type": "reply", "id": msg["id"], "result": msg}
-            sock.send_multipart([ident, ormsgpack.packb(reply)])
-    sock.close(0)
-    ctx.term()
+RAW_ECHO = """
+import ormsgpack, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
+while True:
+    ident, frame = sock.recv_multipart()
+    msg = ormsgpack.unpackb(frame)
+    reply = {"v": 1, "type": "reply", "id": msg["id"], "result": msg}
+    sock.send_multipart([ident, ormsgpack.packb(reply)])
+"""
+
+
+def spawn_echo(script: str) -> tuple[subprocess.Popen[str], str]:
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, f"tcp://127.0.0.1:{proc.stdout.readline().strip()}"
 
 
 class RawCaller:
@@ -116,41 +121,51 @@ def make_caller(kind: str, endpoint: str, spec: tuple) -> Any:
     return RawCaller(endpoint) if kind == "raw" else BridgeCaller(endpoint, kind, spec)
 
 
-def _worker(kind: str, endpoint: str, n: int, spec: tuple, queue: Any) -> None:
+def _worker(kind: str, endpoint: str, n: int, spec: tuple, ready: Any, go: Any,
+            queue: Any) -> None:  # fmt: skip
     caller = make_caller(kind, endpoint, spec)
-    timed(caller, 50)  # connect and warm up outside the measurement
-    queue.put(timed(caller, n))
+    timed(caller, 20)  # connect and warm up outside the measurement
+    ready.release()
+    go.wait()
+    started = time.perf_counter()  # CLOCK_MONOTONIC: comparable across processes
+    times = timed(caller, n)
+    queue.put((started, time.perf_counter(), times))
     caller.close()
 
 
 def concurrent(kind: str, endpoint: str, n: int, clients: int, spec: tuple) -> dict:
+    """All clients start together; throughput is over the window in which they ran."""
     ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    procs = [
-        ctx.Process(target=_worker, args=(kind, endpoint, n, spec, queue)) for _ in range(clients)
-    ]
+    queue, ready, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
+    procs = [ctx.Process(target=_worker, args=(kind, endpoint, n, spec, ready, go, queue))
+             for _ in range(clients)]  # fmt: skip
     for p in procs:
         p.start()
+    for _ in procs:
+        if not ready.acquire(timeout=600):
+            raise RuntimeError("a client process did not start")
+    go.set()
     results = [queue.get(timeout=600) for _ in procs]
     for p in procs:
         p.join()
-    times = [t for r in results for t in r]
-    # throughput over the time the clients were busy (process start-up excluded)
-    return stats(times, len(times) / max(sum(r) for r in results))
+    times = [t for _, _, r in results for t in r]
+    window = max(end for _, end, _ in results) - min(start for start, _, _ in results)
+    return stats(times, len(times) / window)
 
 
 def pct(times: list[float], q: int) -> float:
     return statistics.quantiles(times, n=100, method="inclusive")[q - 1] * 1e6
 
 
-def stats(times: list[float], rate: float) -> dict:
-    return {"p50": pct(times, 50), "p99": pct(times, 99), "rate": rate}
+def stats(times: list[float], rate: float, rates: list[float] | None = None) -> dict:
+    return {"p50": pct(times, 50), "p99": pct(times, 99), "rate": rate, "rates": rates or [rate]}
 
 
 def show(name: str, row: dict) -> None:
+    spread = "/".join(f"{r:.0f}" for r in (min(row["rates"]), row["rate"], max(row["rates"])))
     print(
         f"  {name:<36} p50 {row['p50']:7.0f} us   p99 {row['p99']:7.0f} us"
-        f"   {row['rate']:8.0f} round trips/s"
+        f"   {spread:>20} round trips/s (min/median/max)"
     )
 
 
@@ -203,23 +218,23 @@ def sequential(endpoints: dict[str, str], spec: tuple, n: int, rounds: int) -> d
     finally:
         for caller in callers.values():
             caller.close()
-    return {name: stats(times[name], statistics.median(rates[name])) for name in callers}
+    return {name: stats(times[name], statistics.median(rates[name]), rates[name])
+            for name in callers}  # fmt: skip
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=3000, help="round trips per sequential measurement")
     ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
-    ap.add_argument("--concurrent", type=int, default=4, help="client processes at once")
+    ap.add_argument("--clients", default="1,4,16,64", help="client processes at once")
     ap.add_argument("--fake", action="store_true", help="measure the fake kernel bridge")
     args = ap.parse_args()
+    client_counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    print(machine_load(), flush=True)
 
-    stop_raw, ready, box = threading.Event(), threading.Event(), {}
-    threading.Thread(target=raw_echo_server, args=(ready, box, stop_raw), daemon=True).start()
-    ready.wait()
-    echo = subprocess.Popen([sys.executable, "-c", ASYNCIO_ECHO], stdout=subprocess.PIPE, text=True)
-    assert echo.stdout is not None
-    echo_endpoint = f"tcp://127.0.0.1:{echo.stdout.readline().strip()}"
+    raw, raw_endpoint = spawn_echo(RAW_ECHO)
+    echo, echo_endpoint = spawn_echo(ASYNCIO_ECHO)
+    con: dict[int, dict[str, dict]] = {}
     with tempfile.TemporaryDirectory() as workdir:
         endpoint, stop_server, spec, label = start_server(args.fake, workdir)
         try:
@@ -227,7 +242,7 @@ def main() -> None:
             print(f"sequential: {args.n} round trips each, in {args.rounds} interleaved rounds")
             seq = sequential(
                 {
-                    "raw": ("raw", box["endpoint"]),
+                    "raw": ("raw", raw_endpoint),
                     "floor": ("raw", echo_endpoint),
                     "ping": ("ping", endpoint),
                     "send": ("send", endpoint),
@@ -237,42 +252,40 @@ def main() -> None:
                 args.rounds,
             )
             show("raw DEALER/ROUTER echo (baseline)", seq["raw"])
-            show("asyncio echo, other process (floor)", seq["floor"])
+            show("asyncio echo (floor)", seq["floor"])
             show("bridge ping", seq["ping"])
             show(f"bridge send {spec[1]}", seq["send"])
-            k, m = args.concurrent, args.n // 2
-            print(f"{k} concurrent client processes, {m} round trips each:")
-            con = {
-                "raw": concurrent("raw", box["endpoint"], m, k, spec),
-                "ping": concurrent("ping", endpoint, m, k, spec),
-                "send": concurrent("send", endpoint, m, k, spec),
-            }
-            show("raw echo", con["raw"])
-            show("bridge ping", con["ping"])
-            show("bridge send", con["send"])
+            for clients in client_counts:
+                m = max(50, args.n // max(clients, 2))
+                print(f"{clients} concurrent client process(es), {m} round trips each:",
+                      flush=True)  # fmt: skip
+                con[clients] = {kind: concurrent(kind, ep, m, clients, spec)
+                                for kind, ep in (("raw", raw_endpoint), ("ping", endpoint),
+                                                 ("send", endpoint))}  # fmt: skip
+                for kind in ("raw", "ping", "send"):
+                    show(f"{kind}", con[clients][kind])
         finally:
             stop_server()
+            raw.kill()
             echo.kill()
-    stop_raw.set()
 
     def ratio(a: dict, b: dict) -> str:
         return f"{a['rate'] / b['rate']:.2f}x"
 
     print("ratios (throughput, bridge / raw; goals ping >= 0.5x, send >= 0.3x):")
-    print(
-        f"  sequential  ping {ratio(seq['ping'], seq['raw'])}   send {ratio(seq['send'], seq['raw'])}"
-    )
-    print(
-        f"  concurrent  ping {ratio(con['ping'], con['raw'])}   send {ratio(con['send'], con['raw'])}"
-    )
-    print(
-        f"  floor / raw {ratio(seq['floor'], seq['raw'])}; "
-        f"ping / floor {ratio(seq['ping'], seq['floor'])}"
-    )
-    print(
-        f"  p99 with {k} clients: raw {con['raw']['p99']:.0f} us, "
-        f"ping {con['ping']['p99']:.0f} us, send {con['send']['p99']:.0f} us"
-    )
+    print(f"  sequential  ping {ratio(seq['ping'], seq['raw'])}   "
+          f"send {ratio(seq['send'], seq['raw'])}")  # fmt: skip
+    print(f"  floor / raw {ratio(seq['floor'], seq['raw'])}; "
+          f"ping / floor {ratio(seq['ping'], seq['floor'])}")  # fmt: skip
+    print(f"{'clients':>8} {'raw /s':>9} {'ping /s':>9} {'send /s':>9} {'send p99 us':>12}"
+          f" {'send / raw':>11}")  # fmt: skip
+    for clients, row in con.items():
+        print(f"{clients:8d} {row['raw']['rate']:9.0f} {row['ping']['rate']:9.0f} "
+              f"{row['send']['rate']:9.0f} {row['send']['p99']:12.0f} "
+              f"{ratio(row['send'], row['raw']):>11}")  # fmt: skip
+    print("(send runs generated code in the kernel's process: until it runs in cells, its "
+          "throughput cannot grow with cores)")
+    print(machine_load())
 
 
 if __name__ == "__main__":

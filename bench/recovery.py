@@ -1,24 +1,23 @@
 """Recovery: from SIGKILL to a kernel answering ping again, and opening a large image.
 
-Measured in one run, each as p50/p95 over ``--runs`` samples (with few samples
-p95 is close to the worst run):
+Measured in one run, each as min / median / max over ``--runs`` samples:
 
-* baseline: a bare ``python -c "import ZODB"`` process, start to exit;
-* plain restart: SIGKILL the kernel, start a new one at once, poll ping with an
-  in-process bridge client every 20 ms until it answers (demo image; and the
-  100,000-object image);
-* watchdog restart: the same with ``min_watchdog_service.py`` doing the restart,
-  with its default backoff (0.5 s) and with ``--backoff-initial 0.05``; between
-  samples the kernel stays up longer than ``--backoff-reset`` so every sample
-  starts from the initial delay;
-* opening an image of 100,000 UvmObjects (built once with plain FileStorage),
-  up to its root and the top node of the tree holding the objects:
-  in-process with its ``.index`` file and without it (a full scan), the
-  kernel's ``open_image`` without and with its ZEO server (open and close), a
-  fresh process that imports ZODB and opens the image; and, for scale, opening
-  it and loading every one of the 100,000 objects.
+* restarts, in rounds that alternate between two setups running side by side:
+  the baseline, a *plain restart* (SIGKILL the kernel, start a new one at once,
+  poll ping with a bridge client every 20 ms until it answers), and a restart by
+  ``min_watchdog_service.py`` with its default backoff, each crash isolated (the
+  kernel stays up longer than ``--backoff-reset`` before it is killed);
+* a crash loop under the watchdog: the kernel is killed again as soon as it
+  answers, ``--runs`` times, so the backoff grows as it would in a real crash
+  loop: the time of each restart in order;
+* the same plain restart on an image of 100,000 UvmObjects;
+* opening that image (built once with plain FileStorage) up to its root and the
+  top node of the tree holding the objects: in-process with its ``.index`` file
+  (the baseline of this part) and without it (a full scan), the kernel's
+  ``open_image`` without and with its ZEO server, a fresh process that imports
+  ZODB and opens the image; and, for scale, loading every one of the objects.
 
-Ratios are against the baseline's p50. Usage:
+Usage:
     python bench/recovery.py [--runs 7] [--objects 100000] [--workdir DIR]
 """
 
@@ -38,11 +37,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 import transaction  # noqa: E402
 import ZODB  # noqa: E402
 import ZODB.FileStorage  # noqa: E402
+from benchutil import machine_load  # noqa: E402
 from BTrees.IOBTree import IOBTree  # noqa: E402
 
 from batos_uvm.client import BridgeClient, BridgeClientError  # noqa: E402
@@ -52,16 +52,6 @@ from batos_uvm.objects import UvmObject  # noqa: E402
 from tests.kernel_process import PYTHON, KernelProcess, run_env  # noqa: E402
 
 WATCHDOG = ROOT / "min_watchdog_service.py"
-
-
-def percentile(samples: list[float], q: float) -> float:
-    ordered = sorted(samples)
-    if len(ordered) == 1:
-        return ordered[0]
-    position = (len(ordered) - 1) * q / 100
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
 def wait_for_ping(endpoint: str, *, not_boot: str | None = None, timeout: float = 120.0) -> str:
@@ -93,59 +83,87 @@ def spawn_kernel(kernel: KernelProcess) -> subprocess.Popen[bytes]:
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def plain_restarts(workdir: Path, runs: int, db: str | None = None) -> list[float]:
-    kernel = KernelProcess(workdir, db=db)
-    proc = spawn_kernel(kernel)
-    boot = wait_for_ping(kernel.endpoint)
-    samples = []
-    try:
-        for _ in range(runs):
-            started = time.perf_counter()
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            proc = spawn_kernel(kernel)
-            boot = wait_for_ping(kernel.endpoint, not_boot=boot)
-            samples.append(time.perf_counter() - started)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
-    return samples
+class PlainSetup:
+    """A kernel restarted by hand: SIGKILL, then a new process at once."""
+
+    def __init__(self, workdir: Path, db: str | None = None) -> None:
+        self.kernel = KernelProcess(workdir, db=db)
+        self.proc = spawn_kernel(self.kernel)
+        self.boot = wait_for_ping(self.kernel.endpoint)
+
+    def crash(self) -> float:
+        started = time.perf_counter()
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+        self.proc = spawn_kernel(self.kernel)
+        self.boot = wait_for_ping(self.kernel.endpoint, not_boot=self.boot)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
 
 
-def watchdog_restarts(workdir: Path, runs: int, extra: list[str]) -> list[float]:
-    kernel = KernelProcess(workdir)
-    logs = workdir / "logs"
-    status_file = logs / "watchdog.status.json"
-    argv = [PYTHON, str(WATCHDOG), "--log-dir", str(logs), "--backoff-reset", "1",
-            "--crash-loop-count", "100000", "--upgrade-dir", str(workdir),
-            "--backup-dir", str(workdir / "backups"), *extra, "--", *kernel.argv()[2:]]
-    watchdog = subprocess.Popen(argv, cwd=workdir, env=run_env(), stdout=subprocess.DEVNULL,
-                                stderr=open(workdir / "watchdog.err", "ab"))  # noqa: SIM115
-    samples = []
+class WatchdogSetup:
+    """A kernel under min_watchdog_service.py, with its default backoff."""
 
-    def status() -> dict:
+    def __init__(self, workdir: Path, extra: list[str] | None = None) -> None:
+        self.kernel = KernelProcess(workdir)
+        logs = workdir / "logs"
+        self.status_file = logs / "watchdog.status.json"
+        argv = [PYTHON, str(WATCHDOG), "--log-dir", str(logs), "--backoff-reset", "1",
+                "--crash-loop-count", "100000", "--upgrade-dir", str(workdir),
+                "--backup-dir", str(workdir / "backups"), *(extra or []), "--",
+                *self.kernel.argv()[2:]]  # fmt: skip
+        self.watchdog = subprocess.Popen(
+            argv, cwd=workdir, env=run_env(), stdout=subprocess.DEVNULL,
+            stderr=open(workdir / "watchdog.err", "ab"),  # noqa: SIM115
+        )  # fmt: skip
+        self.boot = wait_for_ping(self.kernel.endpoint)
+
+    def status(self) -> dict:
         try:
-            return json.loads(status_file.read_text())
+            return json.loads(self.status_file.read_text())
         except (OSError, ValueError):
             return {}
 
+    def wait_up(self) -> None:
+        deadline = time.monotonic() + 60
+        while self.status().get("state") != "up" and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def crash(self, *, isolated: bool = True) -> float:
+        self.wait_up()
+        if isolated:
+            time.sleep(1.3)  # longer than --backoff-reset: the restart uses the first delay
+        pid = self.status()["kernel_pid"]
+        started = time.perf_counter()
+        os.kill(pid, signal.SIGKILL)
+        self.boot = wait_for_ping(self.kernel.endpoint, not_boot=self.boot)
+        return time.perf_counter() - started
+
+    def close(self) -> None:
+        self.watchdog.send_signal(signal.SIGTERM)
+        self.watchdog.wait(timeout=60)
+
+
+def paired_restarts(workdir: Path, runs: int) -> dict[str, list[float]]:
+    """Plain and watchdog restarts in alternating order, both setups up at once."""
+    plain = PlainSetup(workdir / "plain")
+    watched = WatchdogSetup(workdir / "watchdog")
+    out: dict[str, list[float]] = {"plain": [], "watchdog": []}
     try:
-        boot = wait_for_ping(kernel.endpoint)
-        for _ in range(runs):
-            deadline = time.monotonic() + 60
-            while status().get("state") != "up" and time.monotonic() < deadline:
-                time.sleep(0.05)
-            time.sleep(1.3)  # longer than --backoff-reset: the next restart uses the first delay
-            pid = status()["kernel_pid"]
-            started = time.perf_counter()
-            os.kill(pid, signal.SIGKILL)
-            boot = wait_for_ping(kernel.endpoint, not_boot=boot)
-            samples.append(time.perf_counter() - started)
+        for round_ in range(runs):
+            order = [("plain", plain.crash), ("watchdog", watched.crash)]
+            for name, crash in order if round_ % 2 == 0 else order[::-1]:
+                out[name].append(crash())
+        loop = [watched.crash(isolated=False) for _ in range(runs)]
     finally:
-        watchdog.send_signal(signal.SIGTERM)
-        watchdog.wait(timeout=60)
-    return samples
+        plain.close()
+        watched.close()
+    out["loop"] = loop
+    return out
 
 
 def build_image(path: Path, objects: int) -> float:
@@ -227,12 +245,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parser.parse_args(argv)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="batos-recovery-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, list[float]] = {}
+    print(machine_load(), flush=True)
+    opening: dict[str, list[float]] = {}
     size = f"{args.objects // 1000}k" if args.objects >= 1000 else str(args.objects)
     try:
-        results["baseline: python -c 'import ZODB'"] = timed(
-            run_process([PYTHON, "-c", "import ZODB"]), args.runs)
-
         big = workdir / "big" / "image.fs"
         big.parent.mkdir(exist_ok=True)
         if not big.exists():
@@ -242,40 +258,52 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         open_script = ("import sys, ZODB, ZODB.FileStorage; db = ZODB.DB(ZODB.FileStorage."
                        "FileStorage(sys.argv[1], read_only=True)); db.open().root()['objects']"
                        "._p_activate(); db.close()")
-        results[f"open {size} image: fresh process"] = timed(
-            run_process([PYTHON, "-c", open_script, str(big)]), args.runs)
-        results[f"open {size} image: in-process, .index"] = timed(open_plain(big, index=True),
-                                                                args.runs)
-        results[f"open {size} image: kernel open_image"] = timed(
-            open_kernel_way(big, workdir, zeo=False), args.runs)
-        results[f"open {size} image: open_image + ZEO"] = timed(
-            open_kernel_way(big, workdir, zeo=True), args.runs)
-        results[f"open {size} image: no .index (scan)"] = timed(open_plain(big, index=False),
-                                                              args.runs)
+        open_plain(big, index=True)()  # an up-to-date .index for the first sample
+        actions = {
+            "in-process, .index (baseline)": open_plain(big, index=True),
+            "fresh process": run_process([PYTHON, "-c", open_script, str(big)]),
+            "kernel open_image": open_kernel_way(big, workdir, zeo=False),
+            "open_image + ZEO": open_kernel_way(big, workdir, zeo=True),
+        }
+        for round_ in range(args.runs):
+            for name, action in list(actions.items())[:: 1 if round_ % 2 == 0 else -1]:
+                opening.setdefault(name, []).extend(timed(action, 1))
+        opening["no .index (scan)"] = timed(open_plain(big, index=False), args.runs)
         open_plain(big, index=True)()  # leave a fresh index for the kernel below
-        results[f"open {size} image + load every object"] = timed(load_everything(big),
-                                                                  max(3, args.runs // 2))
+        opening["load every object"] = timed(load_everything(big), max(3, args.runs // 2))
 
-        print("measuring plain restarts ...", flush=True)
-        results["SIGKILL -> ping: plain restart"] = plain_restarts(workdir / "plain", args.runs)
-        results[f"SIGKILL -> ping: plain, {size} image"] = plain_restarts(
-            workdir / "plain-big", args.runs, db=str(big))
-        print("measuring restarts under the watchdog ...", flush=True)
-        results["SIGKILL -> ping: watchdog default"] = watchdog_restarts(
-            workdir / "wd-default", args.runs, [])
-        results["SIGKILL -> ping: watchdog 0.05s"] = watchdog_restarts(
-            workdir / "wd-fast", args.runs, ["--backoff-initial", "0.05", "--start-poll", "0.1"])
+        print("measuring restarts (plain and watchdog, alternating) ...", flush=True)
+        restarts = paired_restarts(workdir, args.runs)
+        print(f"measuring plain restarts on the {size} image ...", flush=True)
+        big_kernel = PlainSetup(workdir / "plain-big", db=str(big))
+        try:
+            restarts[f"plain, {size} image"] = [big_kernel.crash() for _ in range(args.runs)]
+        finally:
+            big_kernel.close()
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    baseline = statistics.median(results["baseline: python -c 'import ZODB'"])
-    print(f"\n{'':38}{'p50 s':>9}{'p95 s':>9}{'runs':>6}{'p50 / baseline':>17}")
     summary: dict[str, float] = {}
-    for label, samples in results.items():
-        p50, p95 = percentile(samples, 50), percentile(samples, 95)
-        summary[f"{label} p50"], summary[f"{label} p95"] = p50, p95
-        print(f"{label:38}{p50:9.3f}{p95:9.3f}{len(samples):6d}{p50 / baseline:16.2f}x")
+
+    def table(title: str, rows: dict[str, list[float]], base: list[float]) -> None:
+        print(f"\n{title}")
+        print(f"  {'':34}{'min / median / max s':>28}{'runs':>6}{'median / baseline':>19}")
+        for label, samples in rows.items():
+            low, mid, high = min(samples), statistics.median(samples), max(samples)
+            summary[f"{title}: {label}"] = mid
+            print(f"  {label:34}{f'{low:.3f} / {mid:.3f} / {high:.3f}':>28}{len(samples):6d}"
+                  f"{mid / statistics.median(base):18.2f}x")  # fmt: skip
+
+    table("SIGKILL -> ping", {
+        "plain restart (baseline)": restarts["plain"],
+        "watchdog, isolated crash": restarts["watchdog"],
+        f"plain restart, {size} image": restarts[f"plain, {size} image"],
+    }, restarts["plain"])  # fmt: skip
+    print("  watchdog crash loop (killed again once it answers), restart by restart:")
+    print("   " + "  ".join(f"{s:.2f}" for s in restarts["loop"]) + " s")
+    table(f"opening the {size}-object image", opening, opening["in-process, .index (baseline)"])
+    print(machine_load())
     return summary
 
 

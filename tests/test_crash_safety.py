@@ -178,8 +178,8 @@ def check_stopped_image(db_path: Path, scratch: Path, ledger: Ledger) -> dict[st
         for obj in root.values():  # (c)
             if not isinstance(obj, UvmObject):
                 continue
-            for selector, history in obj._method_table().items():
-                for record in history:
+            for selector in obj.methods():
+                for record in obj.method_history(selector):
                     if record.cycle_id is None:
                         continue
                     installed += 1
@@ -189,7 +189,8 @@ def check_stopped_image(db_path: Path, scratch: Path, ledger: Ledger) -> dict[st
         for cid, record in root["cycles"].items():
             if record.status == "COMPLETE":
                 owner = conn.get(parse_oid(record.data["target"]))
-                history = owner._method_table().get(record.data["selector"], ())
+                selector = record.data["selector"]
+                history = owner.method_history(selector) if selector in owner.methods() else ()
                 assert any(r.cycle_id == cid for r in history), (
                     f"cycle {cid} is COMPLETE but installed nothing")
         active = sum(1 for status in statuses.values() if status == "ACTIVE")

@@ -266,7 +266,7 @@ def test_a_method_called_in_the_shell_runs_in_a_cell_and_its_change_commits(imag
         assert run_code(writer, "genesis.paint('red')") == 0
         assert "painting red" in capsys.readouterr().out  # what the cell printed
         assert writer.namespace()["genesis"].colour == "red"
-        assert writer.commit("paint") == "committed 1 changed object(s)"
+        assert writer.commit("paint").startswith("committed ")  # the method and the slot
     finally:
         writer.close()
     reader = session_for(image)

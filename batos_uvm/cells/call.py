@@ -43,6 +43,7 @@ class Call:
         self.own: set[str] = set(target["own"])
         self.parents: tuple[Any, ...] = tuple(target["parents"])
         self.methods: dict[str, str] = dict(target.get("methods", {}))
+        self.methods.setdefault(message["selector"], message["key"])  # recursion needs no request
         self.methods_complete: bool = bool(target.get("complete", True))
         self.looked_up: set[str] = set()
         self.names: dict[int, str] = {}
@@ -152,7 +153,7 @@ class Call:
         self.slots = target["slots"]
         self.own = set(target["own"])
         self.parents = tuple(target["parents"])
-        self.methods = dict(target.get("methods", self.methods))
+        self.methods.update(target.get("methods", {}))  # what was looked up stays known
         self.methods_complete = bool(target.get("complete", True))
         self.read_before = {}
 

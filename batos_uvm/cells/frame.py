@@ -4,8 +4,8 @@ A :class:`Frame` numbers the objects it hands to its cell (0 is the receiver;
 others as they are given out, so a cell cannot name an object it was not
 given), turns kernel values into plain data on the way in (objects become
 handles, kernel objects opaque markers) and back on the way out, and builds
-the snapshot of the receiver's visible slots and methods, cached while the
-receiver's chain is unchanged.
+the snapshot of the receiver's visible slots, cached while the receiver's
+chain is unchanged.
 """
 
 from __future__ import annotations
@@ -19,14 +19,11 @@ from typing import TYPE_CHECKING, Any
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
 
-from ..objects import RESERVED_SELECTORS, MethodRecord, UvmObject, describe_briefly
+from ..objects import RESERVED_SELECTORS, UvmObject, describe_briefly
 from . import wire
 
 if TYPE_CHECKING:
     from .invocation import Invocation
-
-MAX_METHODS_IN_SNAPSHOT = 256  # beyond this, a cell asks for methods by name
-
 
 class Refused(Exception):
     """A request of generated code the kernel does not carry out; goes back as an exception."""
@@ -155,18 +152,13 @@ class Frame:
             self.sources.update(sources)
             return snapshot
         slots: dict[str, Any] = {}
-        methods: dict[str, str] = {}
-        count = 0
         for owner in chain:
             for name in owner.slot_names():
                 if name != "parents" and name not in slots:
                     slots[name] = owner._slots[name]
-            table = owner.methods()
-            count += len(table)
-            if count <= MAX_METHODS_IN_SNAPSHOT:
-                for selector, record in table.items():
-                    if selector not in methods:
-                        methods[selector] = self.key_for(record)
+        # Methods are not listed: an object may hold thousands. The cell knows the
+        # one it runs and asks for others by name (the kernel's lookup is cached).
+        methods: dict[str, str] = {}
         for (target_id, selector), source in self.invocation.overlay.items():
             if target_id == id(receiver):
                 methods[selector] = self.keep_source(source)
@@ -178,7 +170,7 @@ class Frame:
             "own": own,
             "parents": [self.handle(p) for p in parents],
             "methods": methods,
-            "complete": count <= MAX_METHODS_IN_SNAPSHOT,
+            "complete": False,
         }
         if key is not None:
             refs = tuple(weakref.ref(obj) for obj in chain)  # the very objects, not look-alikes
@@ -186,11 +178,6 @@ class Frame:
             if len(_snapshots) > SNAPSHOTS_KEPT:
                 _snapshots.popitem(last=False)
         return snapshot
-
-    def key_for(self, record: MethodRecord) -> str:
-        if record.primitive:
-            return "primitive"
-        return self.keep_source(record.source or "")
 
     def keep_source(self, source: str) -> str:
         key = method_key(source)
