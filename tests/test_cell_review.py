@@ -1,0 +1,271 @@
+"""A security review of the cell boundary: hostile methods and subverted cells.
+
+Two kinds of attacker. A *hostile method* is source a model might write: it
+passes the Guardian and runs with the restricted builtins inside every
+operating-system layer. A *subverted cell* is code that escaped the restricted
+builtins (these tests start the cell ``unrestricted`` to stand for that) and
+speaks the cell protocol directly: it can write any bytes to the kernel's end
+of the socket and patch the cell's own runtime.
+
+Every test states what the kernel must guarantee (docs/CELLS.md) and attacks
+it with real cells; tests marked ``slow`` run a real kernel process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import transaction
+import ZODB
+import ZODB.FileStorage
+from BTrees.OOBTree import OOBTree
+
+from batos_uvm.cells import wire
+from batos_uvm.cells.invocation import Invocation, MethodFailed, Refused
+from batos_uvm.cells.pool import CellConfig, CellFailure, CellPool
+from batos_uvm.objects import UvmObject
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+async def call_in_cell(
+    pool: CellPool, receiver: UvmObject, source: str, *args, timeout: float = 10.0
+):
+    """Run ``source`` (a function named ``probe``) as a method of ``receiver``."""
+    source = textwrap.dedent(source)
+    invocation = Invocation(pool, timeout=timeout, overlay={(id(receiver), "probe"): source})
+    return await invocation.call(receiver, "probe", list(args), {})
+
+
+def outcome(source: str, *args, receiver: UvmObject | None = None, unrestricted=False,
+            timeout: float = 10.0):
+    """The value, or the failure as (kind, message): one call in a fresh pool."""
+
+    async def scenario():
+        pool = CellPool(CellConfig(unrestricted=unrestricted), size=1)
+        target = receiver if receiver is not None else UvmObject(label="probe target")
+        try:
+            return await call_in_cell(pool, target, source, *args, timeout=timeout)
+        finally:
+            await pool.close()
+
+    try:
+        return run(scenario())
+    except MethodFailed as exc:
+        return (exc.kind, exc.message)
+    except (CellFailure, Refused) as exc:
+        return (type(exc).__name__, str(exc))
+
+
+@pytest.fixture
+def image(tmp_path):
+    """A real FileStorage image; ``reopen()`` closes it and loads it again from disk."""
+
+    class Image:
+        def __init__(self) -> None:
+            self.path = str(tmp_path / "review.fs")
+            self.open()
+
+        def open(self) -> None:
+            self.db = ZODB.DB(ZODB.FileStorage.FileStorage(self.path))
+            self.conn = self.db.open()
+            self.root = self.conn.root()
+
+        def reopen(self) -> None:
+            transaction.abort()
+            self.conn.close()
+            self.db.close()
+            self.open()
+
+        def close(self) -> None:
+            transaction.abort()
+            self.conn.close()
+            self.db.close()
+
+    image = Image()
+    yield image
+    image.close()
+
+
+# The frames a subverted cell writes are built in the cell, with its own codec.
+SUBVERTED_PRELUDE = """
+import os, sys
+wire = sys.modules["batos_uvm.cells.wire"]
+proxy = sys.modules["batos_uvm.cells.proxy"]
+ormsgpack = wire.ormsgpack
+call = proxy.active()
+fd = call.cell.channel.fd
+
+def send_raw(payload):
+    os.write(fd, wire.frame(payload))
+
+def done(value=None, diff=None):
+    return {"op": "done", "id": 0, "value": value, "output": "",
+            "diff": diff or {"set": {}, "delete": []}}
+"""
+
+
+def subverted(body: str) -> str:
+    """A method whose body runs with the cell's full powers (see SUBVERTED_PRELUDE)."""
+    lines = textwrap.indent(textwrap.dedent(SUBVERTED_PRELUDE) + textwrap.dedent(body), "    ")
+    return "def probe(self, *args):\n" + lines
+
+
+# -- the codec: what one frame can do to the kernel ---------------------------------------
+NESTED_FRAME = """
+# 20 tuples, each holding a list nested 1000 deep: 21 kB, far below every limit.
+body = b"\\x91" * 1000 + b"\\xc0"
+for _ in range(20):
+    body = b"\\x91" * 1000 + ormsgpack.packb(ormsgpack.Ext(wire.EXT_TUPLE, b"\\x91" + body))
+send_raw(body)
+return call.cell.channel.receive()
+"""
+
+KERNEL_SIDE = """
+import asyncio, json, sys, textwrap
+from batos_uvm.cells.invocation import Invocation
+from batos_uvm.cells.pool import CellConfig, CellPool
+from batos_uvm.objects import UvmObject
+
+async def main():
+    pool = CellPool(CellConfig(unrestricted=True), size=1)
+    target = UvmObject(label="target")
+    invocation = Invocation(pool, timeout=10, overlay={(id(target), "probe"): sys.argv[1]})
+    try:
+        value = await invocation.call(target, "probe", [], {})
+        print(json.dumps(["answered", repr(value)]))
+    except Exception as exc:
+        print(json.dumps([type(exc).__name__, str(exc)]))
+    finally:
+        await pool.close()
+
+asyncio.run(main())
+"""
+
+
+def test_nested_extension_types_do_not_crash_the_kernel() -> None:
+    """Hole: the kernel dies with SIGSEGV decoding a 21 kB frame of a subverted cell.
+
+    The decoder bounds tuples/sets/maps nested in each other (32) and ormsgpack
+    bounds plain nesting (~1000) per ``unpackb`` call, but every extension body
+    is decoded by a fresh ``unpackb``: 20 tuples x 1000 lists recurse ~20,000
+    levels deep in C on the event loop's thread and overflow its 8 MiB stack.
+    The kernel side runs in a child process here so that the crash is seen, not
+    suffered.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", KERNEL_SIDE, subverted(NESTED_FRAME)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, (
+        f"the kernel process died (exit status {done.returncode}) decoding a 21 kB frame"
+    )
+    kind, message = json.loads(done.stdout)
+    assert kind == "CellProtocolError", message
+
+
+def test_colliding_hashes_in_a_set_do_not_stall_the_kernel() -> None:
+    """Hole: a subverted cell stalls the kernel's event loop with a set whose members collide.
+
+    Integers equal modulo 2**61 - 1 share a hash, so building a set (or a dict
+    from EXT_PAIRS) of n of them costs n**2 comparisons: 15,000 of them, a
+    200 kB frame, take seconds to decode, a full 4 MiB frame half an hour; the
+    decode runs on the event loop, so nothing else (no ping) is served.
+    """
+    prime = 2**61 - 1
+    members = wire.encode([k * prime for k in range(1, 15_001)])
+    frame = wire.ormsgpack.packb(wire.ormsgpack.Ext(wire.EXT_SET, members))
+    started = time.monotonic()
+    try:
+        wire.decode(frame)
+    except wire.WireError:
+        pass  # refusing it is fine; taking long is not
+    took = time.monotonic() - started
+    assert took < 1.0, f"decoding a {len(frame)} byte frame took {took:.1f} s"
+
+
+# -- what a slot may hold: only plain data and objects, anywhere in the value ---------------
+STAND_INS = (wire.Handle, wire.Opaque, wire.ReprText)
+
+
+def stand_ins(value) -> set[str]:
+    """Names of the wire's stand-in classes anywhere in ``value`` (keys and members too)."""
+    found = {type(value).__name__} if type(value) in STAND_INS else set()
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found |= stand_ins(key) | stand_ins(item)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            found |= stand_ins(item)
+    return found
+
+
+def _prototype_with_kernel_object(image) -> UvmObject:
+    proto = UvmObject(label="proto", index=OOBTree())  # a kernel object: opaque to cells
+    obj = proto.clone(level=1)
+    image.root["obj"] = obj
+    transaction.commit()
+    return obj
+
+
+def _stored_and_loaded_again(image, obj: UvmObject) -> None:
+    """What the method stored holds no stand-in, and the object loads from the file again."""
+    transaction.commit()
+    if "stash" in obj.slot_names():
+        assert not stand_ins(obj.stash), f"the image holds {stand_ins(obj.stash)}"
+    image.reopen()
+    assert image.root["obj"].level == 1  # loads its state: no StateLoadError
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["{self.parents[0].index: 1}", "{(self.parents[0].index,)}",
+     "frozenset({frozenset({self.parents[0].index})})"],
+    ids=["dict key", "tuple in a set", "set in a set"],
+)
+def test_a_hostile_method_cannot_store_a_kernel_object_marker(image, value: str) -> None:
+    """Hole: a marker for a kernel object, kept in a slot, makes the receiver unloadable.
+
+    Plain generated code (no escape needed) reads a slot of another object that
+    holds a kernel object and gets an ``Opaque`` marker. ``Frame.inward`` refuses
+    markers as slot values, but looks neither at dict keys nor inside set members,
+    so ``{marker: 1}`` is stored. It pickles, but ``Opaque.__setattr__`` refuses
+    the unpickler: after a restart the receiver's state cannot be loaded
+    (StateLoadError). On genesis_obj (whose parent pLLM_obj holds the weight
+    library) this needs one line; on pLLM_obj itself the kernel no longer starts.
+    """
+    obj = _prototype_with_kernel_object(image)
+    outcome(f"def probe(self):\n    self.stash = {value}\n    return 'stored'\n", receiver=obj)
+    _stored_and_loaded_again(image, obj)
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["{wire.Handle(0): 1}", "{(wire.Handle(0),)}", "frozenset({frozenset({wire.Handle(0)})})",
+     "{(wire.Opaque('OOBTree'),)}", "{wire.ReprText('x'): 1}"],
+    ids=["handle as a key", "handle in a tuple in a set", "handle in a set in a set",
+         "marker in a tuple in a set", "repr text as a key"],
+)
+def test_a_subverted_cell_cannot_store_wire_stand_ins(image, value: str) -> None:
+    """Hole: the same gap for a subverted cell, which can also send handles and repr text.
+
+    Handles stored unresolved are ``wire.Handle`` objects in the image (they
+    make it unloadable too); repr text is a ``str`` subclass of the kernel's,
+    which docs/CELLS.md says a slot cannot hold.
+    """
+    obj = _prototype_with_kernel_object(image)
+    body = f"""
+    call.cell.ask({{"op": "request", "kind": "describe", "target": wire.Handle(0),
+                   "diff": {{"set": {{"stash": {value}}}, "delete": []}}}})
+    return "sent"
+    """
+    outcome(subverted(body), receiver=obj, unrestricted=True)
+    _stored_and_loaded_again(image, obj)
