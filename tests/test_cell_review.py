@@ -269,3 +269,60 @@ def test_a_subverted_cell_cannot_store_wire_stand_ins(image, value: str) -> None
     """
     outcome(subverted(body), receiver=obj, unrestricted=True)
     _stored_and_loaded_again(image, obj)
+
+
+# -- one cell, many receivers: what a subverted cell does to the calls after its own --------
+QUEUED_REPLY = """
+forged = done("forged", {"set": {"owned": True}, "delete": []})
+send_raw(wire.encode(done("first")))  # taken as the answer to this call
+send_raw(wire.encode(forged))  # left in the socket: taken as the answer to the next call
+return "first"
+"""
+
+PATCHED_RUNTIME = """
+runtime = sys.modules["batos_uvm.cells.runtime"]
+serve = runtime.Cell.serve
+
+def forging(cell, message):  # every later call of this cell answers what we like
+    outcome = serve(cell, message)
+    if outcome.get("op") == "done":
+        outcome.update(value="forged", diff={"set": {"owned": True}, "delete": []})
+    return outcome
+
+runtime.Cell.serve = forging
+return "first"
+"""
+
+
+@pytest.mark.parametrize("how", ["queued reply", "patched runtime"])
+def test_a_subverted_cell_cannot_answer_calls_to_other_objects(how: str) -> None:
+    """Hole: a subverted cell forges the results and changes of later calls to other objects.
+
+    A cell serves up to ``cell_max_calls`` calls, for any receiver. The kernel
+    reads the next frame as the answer to whatever call it just sent (the
+    reply's ``id`` is never compared with the call's), so frames queued by an
+    earlier call answer a later one; and a cell whose runtime was patched
+    answers every later call as it likes. Either way the diff is applied to the
+    *later* call's receiver: a method changes objects other than its receiver
+    and forges their methods' results. Checking ids closes the first way; the
+    second needs cells that never serve another receiver (or method) after
+    running untrusted code.
+    """
+    attack = subverted(QUEUED_REPLY if how == "queued reply" else PATCHED_RUNTIME)
+    victim = UvmObject(label="victim")
+    innocent = "def probe(self):\n    return 'hello'\n"
+
+    async def scenario():
+        pool = CellPool(CellConfig(unrestricted=True), size=1)  # one cell serves both calls
+        try:
+            await call_in_cell(pool, UvmObject(label="attacker"), attack)
+            return await call_in_cell(pool, victim, innocent)
+        finally:
+            await pool.close()
+
+    try:
+        answer = run(scenario())
+    except CellFailure:
+        answer = "refused"  # the kernel noticed the cell broke the protocol: fine
+    assert "owned" not in victim.slot_names(), "another object's call changed the victim"
+    assert answer in ("hello", "refused"), f"the victim's method answered {answer!r}"
