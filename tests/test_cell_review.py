@@ -30,6 +30,7 @@ from batos_uvm.cells import wire
 from batos_uvm.cells.invocation import Invocation, MethodFailed, Refused
 from batos_uvm.cells.pool import CellConfig, CellFailure, CellPool
 from batos_uvm.objects import UvmObject
+from batos_uvm.trial import run_trial
 
 
 def run(coro):
@@ -134,6 +135,7 @@ import asyncio, json, sys, textwrap
 from batos_uvm.cells.invocation import Invocation
 from batos_uvm.cells.pool import CellConfig, CellPool
 from batos_uvm.objects import UvmObject
+from batos_uvm.trial import run_trial
 
 async def main():
     pool = CellPool(CellConfig(unrestricted=True), size=1)
@@ -326,3 +328,60 @@ def test_a_subverted_cell_cannot_answer_calls_to_other_objects(how: str) -> None
         answer = "refused"  # the kernel noticed the cell broke the protocol: fine
     assert "owned" not in victim.slot_names(), "another object's call changed the victim"
     assert answer in ("hello", "refused"), f"the victim's method answered {answer!r}"
+
+
+# -- the trial ---------------------------------------------------------------------------
+TELLS = {
+    "its own description": """
+    def tell(self):
+        return "tell" in self.describe()["methods"]
+    """,
+    "a child of self": """
+    def tell(self, depth=0):
+        if depth:
+            return "inherited"
+        try:
+            return self.clone().tell(1)
+        except AttributeError:
+            return "not inherited"
+    """,
+}
+
+
+@pytest.mark.parametrize("tell", list(TELLS))
+def test_a_method_cannot_tell_its_trial_from_a_real_call(tmp_path, tell: str) -> None:
+    """Hole: the candidate is not in the receiver's method table during its trial.
+
+    The trial runs the candidate through an overlay on (receiver, selector)
+    only; the receiver's methods (``describe()``), its children and every other
+    object still see the image without it. A method that behaves in its trial
+    and misbehaves once installed needs one line. Installing the candidate in
+    the trial's savepoint (rolled back afterwards) would make both runs alike.
+    """
+    source = textwrap.dedent(TELLS[tell])
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "trial.fs")))
+    tm = transaction.TransactionManager(explicit=True)
+    conn = db.open(transaction_manager=tm)
+
+    async def scenario():
+        pool = CellPool(CellConfig(), size=1)
+        try:
+            tm.begin()
+            target = conn.root()["target"] = UvmObject(label="target")
+            tm.commit()
+            tm.begin()
+            trial = await run_trial(pool, conn, target, "tell", source, None,
+                                    {"args": [], "kwargs": {}}, timeout=10)
+            target.install_method("tell", source)
+            real = await Invocation(pool, timeout=10).call(target, "tell", [], {})
+            tm.abort()
+            return trial.examples[0].got, real
+        finally:
+            await pool.close()
+
+    try:
+        in_trial, for_real = run(scenario())
+    finally:
+        conn.close()
+        db.close()
+    assert in_trial == for_real, f"trial: {in_trial!r}, real call: {for_real!r}"
