@@ -385,3 +385,49 @@ def test_a_method_cannot_tell_its_trial_from_a_real_call(tmp_path, tell: str) ->
         conn.close()
         db.close()
     assert in_trial == for_real, f"trial: {in_trial!r}, real call: {for_real!r}"
+
+
+# -- the kernel's own objects as receivers -------------------------------------------------
+KERNEL_SLOT_ATTACKS = {
+    # the catalog store (opaque to cells): batos.search and every cycle's DELEGATING need it
+    "delete the catalog store": ("knowledge_catalog_obj", "del self.store"),
+    "replace the catalog store": ("knowledge_catalog_obj", "self.store = 'gone'"),
+    # the weight library (opaque): every stored model and LoRA adapter
+    "replace the weight library": ("pLLM_obj", "self.weights = None"),
+    # the cycle's state machine: skip every future trial, or fail every cycle
+    "skip validation": ("psm_prototypes_obj", "self.VALIDATING = self.COMPLETE"),
+    "break every cycle": ("psm_prototypes_obj", "self.DECOMPOSING = 0"),
+}
+
+
+@pytest.mark.parametrize("attack", list(KERNEL_SLOT_ATTACKS))
+def test_a_method_cannot_take_apart_the_kernels_own_objects(attack: str) -> None:
+    """Hole: a method grown on one of the kernel's own objects dismantles it.
+
+    Any client message a root object does not understand grows a method on it,
+    and that method may write and delete its receiver's slots: also a slot
+    holding a kernel object it cannot even read (the catalog's store, the weight
+    library), and the state prototypes the orchestrator looks up by name. One
+    call removes the catalog (batos.search and every later cycle fail), the
+    stored models, or the trial from every later cycle. Slots holding kernel
+    objects should be read-only to generated code, and the kernel's machinery
+    (catalog, pLLM, states, orchestrator) should not take generated methods.
+    """
+    from batos_uvm.awakening import incarnate
+
+    name, statement = KERNEL_SLOT_ATTACKS[attack]
+    db = ZODB.DB(None)
+    conn = db.open()
+    try:
+        root = conn.root()
+        incarnate(root)
+        receiver = root[name]
+        before = {slot: receiver._slots[slot] for slot in receiver.slot_names()}
+        outcome(f"def probe(self):\n    {statement}\n    return 'done'\n", receiver=receiver)
+        after = {slot: receiver._slots[slot] for slot in receiver.slot_names()}
+    finally:
+        transaction.abort()
+        conn.close()
+        db.close()
+    changed = sorted(s for s in before.keys() | after.keys() if before.get(s) is not after.get(s))
+    assert not changed, f"{name}: the method changed {changed}"
