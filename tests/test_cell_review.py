@@ -431,3 +431,34 @@ def test_a_method_cannot_take_apart_the_kernels_own_objects(attack: str) -> None
         db.close()
     changed = sorted(s for s in before.keys() | after.keys() if before.get(s) is not after.get(s))
     assert not changed, f"{name}: the method changed {changed}"
+
+
+# -- time and cells ----------------------------------------------------------------------
+def test_nested_sends_cannot_stretch_a_message_past_its_time_limit() -> None:
+    """Hole: starting cells for nested sends is time no limit counts.
+
+    A nested send takes a cell of its own; an extra cell is closed when the
+    send returns (``release`` keeps only ``size`` warm), so a method sending in
+    a loop starts one process per iteration (~0.1-0.2 s each). That start is
+    neither the method's cell time nor a service, so with a method_timeout of
+    1 s a message keeps a worker and a core busy until the wall deadline of
+    max(20 x method_timeout, 600 s), starting thousands of processes.
+    """
+    other = UvmObject(label="other")
+    other.install_method("ping", "def ping(self):\n    return 1\n")
+    receiver = UvmObject(label="sender", other=other)
+    source = "def probe(self):\n    n = 0\n    while True:\n        n += self.other.ping()\n"
+
+    async def scenario():
+        pool = CellPool(CellConfig(), size=1)
+        task = asyncio.ensure_future(call_in_cell(pool, receiver, source, timeout=1.0))
+        try:
+            done, _ = await asyncio.wait({task}, timeout=8.0)
+            return bool(done), pool.started
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await pool.close()
+
+    stopped, started = run(scenario())
+    assert stopped, f"after 8 s (method_timeout 1 s) the message still runs; {started} cells started"
