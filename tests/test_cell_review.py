@@ -387,6 +387,46 @@ def test_a_method_cannot_tell_its_trial_from_a_real_call(tmp_path, tell: str) ->
     assert in_trial == for_real, f"trial: {in_trial!r}, real call: {for_real!r}"
 
 
+def test_a_trials_verdict_can_always_be_recorded(tmp_path) -> None:
+    """Hole: a result with more than 4300 digits makes the cycle unable to record itself.
+
+    The trial keeps what the candidate returned; the cycle stores its log as
+    JSON (``CycleLog.to_data``), and ``json.dumps`` of an int over Python's
+    4300-digit limit raises ValueError. The install then fails, recording the
+    failure fails the same way, and the cycle ends with an exception: its
+    record stays ACTIVE and its entry in active_cycles until a restart. An
+    honest ``factorial(2000)`` does it too.
+    """
+    from batos_uvm.cycle import CycleLog
+
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "trial.fs")))
+    tm = transaction.TransactionManager(explicit=True)
+    conn = db.open(transaction_manager=tm)
+    source = "def big(self):\n    return 10 ** 5000\n"
+
+    async def scenario():
+        pool = CellPool(CellConfig(), size=1)
+        try:
+            tm.begin()
+            target = conn.root()["target"] = UvmObject(label="target")
+            tm.commit()
+            tm.begin()
+            return await run_trial(pool, conn, target, "big", source, None,
+                                   {"args": [], "kwargs": {}}, timeout=10)
+        finally:
+            tm.abort()
+            await pool.close()
+
+    try:
+        trial = run(scenario())
+    finally:
+        conn.close()
+        db.close()
+    log = CycleLog("20260101-000000-abcdef", {"selector": "big"}, "0x1", "big")
+    log.attempts.append({"attempt": 1, "code": source, "trial": trial.to_record()})
+    log.to_data()  # must not raise
+
+
 # -- the kernel's own objects as receivers -------------------------------------------------
 KERNEL_SLOT_ATTACKS = {
     # the catalog store (opaque to cells): batos.search and every cycle's DELEGATING need it
