@@ -427,6 +427,39 @@ def test_a_trials_verdict_can_always_be_recorded(tmp_path) -> None:
     log.to_data()  # must not raise
 
 
+def test_what_the_kernel_stored_can_be_sent_to_the_next_call() -> None:
+    """Hole: two accepted slots together make the receiver and its children unusable.
+
+    A list nested 230 deep is plain data and is stored; so is ``{1: "one"}``.
+    But a snapshot holding both cannot be encoded: a dict with keys other than
+    strings sends the whole message through ``wire._with_pairs``, which refuses
+    more than 200 levels. Every later call of a generated method on the
+    receiver, and on every object inheriting the slots, fails in the kernel
+    with WireError. The kernel should refuse at write time what it cannot send
+    again (or encode without a depth smaller than the decoder's).
+    """
+    source = """
+    def probe(self):
+        deep = []
+        for i in range(230):
+            deep = [deep]
+        self.deep = deep
+        self.describe()  # sends this diff on its own
+        self.table = {1: "one"}
+        return "stored"
+    """
+    receiver = UvmObject(label="receiver")
+    first = outcome(source, receiver=receiver)
+    hello = "def probe(self):\n    return 'hello'\n"
+    results = []
+    for target in (receiver, receiver.clone()):
+        try:
+            results.append(outcome(hello, receiver=target))
+        except wire.WireError as exc:
+            results.append(f"WireError: {exc}")
+    assert first != "stored" or results == ["hello", "hello"], results
+
+
 # -- the kernel's own objects as receivers -------------------------------------------------
 KERNEL_SLOT_ATTACKS = {
     # the catalog store (opaque to cells): batos.search and every cycle's DELEGATING need it
