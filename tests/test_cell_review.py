@@ -818,3 +818,38 @@ def test_a_subverted_cell_cannot_overstep_its_receiver(image, attempt: str) -> N
     assert expected in str(result), result
     assert sorted(obj.slot_names()) == ["level", "parents"] and obj.parents == [proto]
     assert obj.__dict__.get("_label") == "obj" and "index" in proto.methods()
+
+
+def test_a_cell_flooding_its_stderr_does_not_slow_the_kernel() -> None:
+    """Refused: the kernel drains a cell's stderr in 64 KiB reads and keeps a 4 KiB tail.
+
+    A subverted cell writes to its stderr (the pipe the kernel drains, not the
+    captured ``print``) as fast as it can; the event loop keeps turning.
+    """
+    body = """
+    import time
+    chunk, end, written = b"x" * 65536, time.time() + 3, 0
+    while time.time() < end:
+        written += os.write(2, chunk)
+    return written
+    """
+    lags: list[float] = []
+
+    async def watch() -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(0.05)
+            lags.append(time.monotonic() - started - 0.05)
+
+    async def scenario():
+        pool = CellPool(CellConfig(unrestricted=True), size=1)
+        watcher = asyncio.ensure_future(watch())
+        try:
+            return await call_in_cell(pool, UvmObject(label="r"), subverted(body))
+        finally:
+            watcher.cancel()
+            await pool.close()
+
+    written = run(scenario())
+    assert written > 10 * 2**20  # it did flood
+    assert max(lags) < 0.5, f"the event loop stalled {max(lags):.2f} s"
