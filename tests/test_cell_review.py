@@ -376,6 +376,39 @@ def test_what_the_kernel_stored_can_be_sent_to_the_next_call() -> None:
     assert first != "stored" or results == ["hello", "hello"], results
 
 
+def test_a_nested_method_that_raised_changes_nothing() -> None:
+    """Hole: what a nested method wrote before its last request stays when it raises.
+
+    docs/CELLS.md: "A method that raised changes nothing." A method's pending
+    diff travels with each of its requests and the kernel applies it at once;
+    when a method called by another one then raises, only its final diff is
+    dropped. The caller catches the error and returns, and the transaction
+    commits the callee half-done: here an account debited without the
+    withdrawal succeeding. A nested send should run in a savepoint that is
+    rolled back when the method raises.
+    """
+    account = UvmObject(label="account", balance=100, log=[])
+    account.install_method("withdraw", textwrap.dedent("""
+        def withdraw(self, amount, note):
+            self.balance -= amount
+            self.log.append(note)
+            self.describe()  # any request: a send, clone, search ...
+            if len(note) > 10:
+                raise ValueError("the note is too long")
+            return self.balance
+    """))
+    caller = UvmObject(label="caller", account=account)
+    source = """
+    def probe(self):
+        try:
+            return self.account.withdraw(60, "a note that is too long")
+        except ValueError as exc:
+            return str(exc)
+    """
+    assert outcome(source, receiver=caller) == "the note is too long"
+    assert (account.balance, account.log) == (100, [])
+
+
 # -- the kernel's own objects as receivers -------------------------------------------------
 KERNEL_SLOT_ATTACKS = {
     # the catalog store (opaque to cells): batos.search and every cycle's DELEGATING need it
