@@ -23,7 +23,7 @@ from persistent.mapping import PersistentMapping
 from .codex import PERSONA_CODEX, read_golden_dataset
 from .config import PERSONAS, Settings
 from .migration import IMAGE_FORMAT, backup_image, migrate_image, needs_migration
-from .objects import UvmObject
+from .objects import UvmObject, seal
 
 log = logging.getLogger("batos.awakening")
 
@@ -120,7 +120,27 @@ def incarnate(root: Any) -> list[str]:
     )
     ensure("cycles", OOBTree)  # cycle id -> CycleRecord, every cycle ever run
     ensure("active_cycles", OOBTree)  # cycle id -> the kernel running it
+    seal_kernel_objects(root)
     return created
+
+
+# The kernel's machinery: generated methods are not grown on these, nor may change them.
+KERNEL_OBJECTS = ("traits_obj", "pLLM_obj", "knowledge_catalog_obj", "psm_prototypes_obj",
+                  "orchestrator_obj")
+
+
+def seal_kernel_objects(root: Any) -> None:
+    """Mark the kernel's own objects (also in images made before they were marked)."""
+    for name in KERNEL_OBJECTS:
+        obj = root.get(name)
+        if isinstance(obj, UvmObject):
+            seal(obj)
+    machine = root.get("psm_prototypes_obj")
+    if isinstance(machine, UvmObject):
+        for state in STATES:
+            prototype = machine._slots.get(state)
+            if isinstance(prototype, UvmObject):
+                seal(prototype)
 
 
 def persona_object(root: Any, persona: str) -> UvmObject:

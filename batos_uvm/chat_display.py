@@ -117,9 +117,25 @@ def format_reply(reply: Reply, command: str | None = None, briefs: list[str] | N
         lines.append(f"{reply.status}{cycle}: {err.kind}: {reason}")
     else:
         lines.append(reply.status + cycle)
+    if reply.output:
+        printed = reply.output if reply.output.endswith("\n") else reply.output + "\n"
+        lines.append("printed:\n" + "".join(f"  | {line}\n" for line in printed.splitlines()))
+        lines[-1] = lines[-1].rstrip("\n")
     if reply.replayed:
         lines.append(REPLAY_NOTE)
-    return "\n".join(lines)
+    return printable("\n".join(lines))
+
+
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F) if code not in (9, 10)}
+
+
+def printable(text: str) -> str:
+    """Text from the kernel with terminal control characters shown, never obeyed.
+
+    A method's output and error messages are written by generated code: an
+    escape sequence in them must not move the cursor or retitle the terminal.
+    """
+    return text.translate(_CONTROL)
 
 
 def recording_has_no_answer(reason: str) -> bool:

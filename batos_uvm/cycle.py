@@ -40,7 +40,7 @@ from .prompts import (
     parse_synthesis,
     synthesis_prompt,
 )
-from .trial import run_trial
+from .trial import jsonable, run_trial
 
 Progress = Callable[[dict[str, Any]], Awaitable[None]]
 
@@ -102,7 +102,7 @@ class CycleLog:
     owner: dict[str, Any] = field(default_factory=dict)  # the kernel running it
 
     def to_data(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=repr))
+        return json.loads(json.dumps(jsonable(asdict(self))))
 
     def durations(self) -> dict[str, float]:
         totals: dict[str, float] = {}

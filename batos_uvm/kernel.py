@@ -42,7 +42,13 @@ from .cycle import (
 )
 from .cycle_progress import CycleProgress
 from .image import OpenImage, open_image, preflight
-from .objects import SelectorNotUnderstood, UvmObject, check_selector
+from .objects import (
+    SelectorNotUnderstood,
+    UvmObject,
+    check_selector,
+    describe_briefly,
+    kernel_owned,
+)
 from .protocol import (
     CancelRequest,
     CycleRequest,
@@ -399,7 +405,7 @@ class Kernel:
         try:
             if force_cycle:
                 oid = await self.submit(
-                    lambda conn: _read(conn, lambda: self._resolve(conn, target)._p_oid)
+                    lambda conn: _read(conn, lambda: self._growable(conn, target, selector))
                 )
                 outcome = await self.cycle_for(oid, brief, progress)
                 if outcome.status != "COMPLETE":
@@ -449,6 +455,7 @@ class Kernel:
                 receiver = self._resolve(connection, target)
                 found = receiver.lookup(selector)
                 if found is None:
+                    self._growable(connection, target, selector)
                     tm.abort()
                     return False, receiver._p_oid
                 output = None
@@ -482,6 +489,18 @@ class Kernel:
                 tm.abort()
                 raise
         raise AssertionError("unreachable")
+
+    def _growable(self, connection: Any, target: str, selector: str) -> bytes:
+        """The target's oid, when a cycle may grow a method on it."""
+        receiver = self._resolve(connection, target)
+        if kernel_owned(receiver):
+            raise SendFailed(
+                "not_understood",
+                f"{describe_briefly(receiver)} does not understand {selector!r}, and it belongs "
+                "to the kernel: no method is grown on it (send the brief to genesis_obj, or "
+                "to a clone of it)",
+            )
+        return receiver._p_oid
 
     def _resolve(self, connection: Any, target: str) -> UvmObject:
         try:

@@ -122,6 +122,32 @@ def describe_briefly(obj: Any) -> str:
     return repr(obj)
 
 
+# --- what belongs to the kernel --------------------------------------------------
+def kernel_owned(obj: Any) -> bool:
+    """Whether ``obj`` is part of the kernel's machinery (sealed at its incarnation).
+
+    Generated methods are neither grown on such objects nor allowed to change
+    them: the catalog, the state machine, the weights' owner, the traits.
+    """
+    return isinstance(obj, UvmObject) and bool(_activate(obj).get("_sealed"))
+
+
+def seal(obj: UvmObject) -> None:
+    """Mark ``obj`` as the kernel's own (see :func:`kernel_owned`)."""
+    if not _activate(obj).get("_sealed"):
+        obj._sealed = True
+
+
+def holds_kernel_object(value: Any) -> bool:
+    """A slot value that is kernel state (a store, a library, a BTree), not data or an object."""
+    from persistent.list import PersistentList
+    from persistent.mapping import PersistentMapping
+
+    return isinstance(value, Persistent) and not isinstance(
+        value, (UvmObject, PersistentMapping, PersistentList)
+    )
+
+
 # --- the delegation cache (see batos_uvm.delegation) ---------------------------
 def _cacheable(value: Any) -> bool:
     if isinstance(value, _IMMUTABLE) or isinstance(value, Persistent):

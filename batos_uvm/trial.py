@@ -21,7 +21,7 @@ from typing import Any
 
 from .cells.invocation import Invocation, MethodFailed, Refused, Services
 from .cells.pool import CellFailure, CellPool, CellProtocolError, CellTimeout
-from .objects import UvmObject
+from .objects import UvmObject, describe_briefly
 from .reprs import safe_repr
 
 __all__ = ["ExampleResult", "TrialResult", "run_trial", "same"]
@@ -59,29 +59,40 @@ class TrialResult:
         record["examples"] = [
             {
                 **asdict(e),
-                "args": _jsonable(e.args),
-                "kwargs": _jsonable(e.kwargs),
-                "expect": _jsonable(e.expect),
-                "got": _jsonable(e.got),
+                "args": jsonable(e.args),
+                "kwargs": jsonable(e.kwargs),
+                "expect": jsonable(e.expect),
+                "got": jsonable(e.got),
             }
             for e in self.examples
         ]
         return record
 
 
-def _jsonable(value: Any) -> Any:
-    """Lists for tuples and sets, string keys, text for bytes: what JSON can carry."""
+def jsonable(value: Any) -> Any:
+    """Lists for tuples and sets, string keys, text for bytes and huge ints: what JSON carries.
+
+    Objects of the image and anything else not plain become their safe repr.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):  # json refuses ints of more than 4300 digits
+        return value if value.bit_length() <= 13_000 else f"<int of {value.bit_length()} bits>"
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (set, frozenset)):
-        return sorted((_jsonable(v) for v in value), key=repr)
+        return sorted((jsonable(v) for v in value), key=repr)
     if isinstance(value, dict):
-        return {k if isinstance(k, str) else repr(k): _jsonable(v) for k, v in value.items()}
+        return {k if isinstance(k, str) else repr(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, bytes):
         return repr(value)
-    if isinstance(value, float) and not math.isfinite(value):
-        return repr(value)
-    return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    return safe_repr(value, 200, describe=_name)
+
+
+def _name(value: Any) -> str | None:
+    return describe_briefly(value) if isinstance(value, UvmObject) else None
 
 
 def same(expect: Any, got: Any) -> bool:
@@ -170,9 +181,12 @@ async def run_trial(
     """Run ``source`` as ``target``'s method ``selector``: the requested call, then examples.
 
     ``requested`` is the call that started the cycle ({"args": [...], "kwargs": {...}}).
-    Every call runs in a savepoint of the connection's current transaction and
-    is rolled back.
+    Every call runs in a savepoint of the connection's current transaction, with
+    the candidate installed, and is rolled back. ``target`` must be an object of
+    the image (stored, with a connection).
     """
+    if target._p_jar is None:
+        raise ValueError("a trial runs on an object of the image, not a transient one")
     started = time.perf_counter()
     try:
         checked = _examples(examples) or []
@@ -192,11 +206,12 @@ async def run_trial(
     tm = connection.transaction_manager
     for number, example in enumerate(checked, 1):
         savepoint = tm.savepoint()
-        invocation = Invocation(
-            pool, timeout=timeout, services=services, overlay={(id(target), selector): source}
-        )
+        invocation = Invocation(pool, timeout=timeout, services=services)
         got, error, failure_trace = None, None, None
         try:
+            # Installed for the call, as it would be for real (its description, its
+            # children and other objects see it), then rolled back with the rest.
+            target.install_method(selector, source, author="trial", note="trial run")
             got = await invocation.call(target, selector, example["args"], example["kwargs"])
         except MethodFailed as exc:
             error, failure_trace = f"raised {exc}", exc.traceback or None

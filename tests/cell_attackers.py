@@ -94,7 +94,7 @@ def send_raw(payload):
     os.write(fd, wire.frame(payload))
 
 def done(value=None, diff=None):
-    return {"op": "done", "id": 0, "value": value, "output": "",
+    return {"op": "done", "id": call.call_id, "value": value, "output": "",
             "diff": diff or {"set": {}, "delete": []}}
 """
 

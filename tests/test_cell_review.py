@@ -181,9 +181,10 @@ def test_a_subverted_cell_cannot_store_wire_stand_ins(image, value: str) -> None
     """
     obj = _prototype_with_kernel_object(image)
     body = f"""
-    call.cell.ask({{"op": "request", "kind": "describe", "target": wire.Handle(0),
-                   "diff": {{"set": {{"stash": {value}}}, "delete": []}}}})
-    return "sent"
+    answer = call.cell.ask({{"op": "request", "call": call.call_id, "kind": "describe",
+                            "target": wire.Handle(0),
+                            "diff": {{"set": {{"stash": {value}}}, "delete": []}}}})
+    return answer.get("error", {{}}).get("message", "stored")
     """
     outcome(subverted(body), receiver=obj, unrestricted=True)
     _stored_and_loaded_again(image, obj)

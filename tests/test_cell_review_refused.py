@@ -148,7 +148,8 @@ def test_a_subverted_cell_cannot_overstep_its_receiver(image, attempt: str) -> N
     image.root["obj"] = obj
     transaction.commit()
     body = """
-    request = {"op": "request", "kind": "describe", "diff": {"set": {}, "delete": []}, **args[0]}
+    request = {"op": "request", "call": call.call_id, "kind": "describe",
+               "diff": {"set": {}, "delete": []}, **args[0]}
     request["target"] = wire.Handle(request.get("target", 0))  # 1: the parent
     return call.cell.ask(request).get("error")
     """

@@ -474,10 +474,12 @@ def probe(self, what):
         return call.request("send", target=wire.Handle(99), selector="describe",
                             args=[], kwargs={})
     if what == "private slot":
-        return call.cell.ask({"op": "request", "kind": "describe", "target": wire.Handle(0),
+        return call.cell.ask({"op": "request", "call": call.call_id, "kind": "describe",
+                              "target": wire.Handle(0),
                               "diff": {"set": {"_methods": {"x": 1}}, "delete": []}})
     if what == "write parents":
-        return call.cell.ask({"op": "request", "kind": "describe", "target": wire.Handle(0),
+        return call.cell.ask({"op": "request", "call": call.call_id, "kind": "describe",
+                              "target": wire.Handle(0),
                               "diff": {"set": {"parents": []}, "delete": []}})
     if what == "kernel primitive":
         return call.request("send", target=wire.Handle(1), selector="doesNotUnderstand",

@@ -173,3 +173,14 @@ def test_inspect_shows_times_not_epoch_floats():
     assert "1795305600" not in text and when(1795305600.5) in text
     assert "factorial  v2  source  by BRICK" in text and "motto = 'hi'" in text
     assert format_reply(Reply.complete(info), "inspect").startswith("COMPLETE:\ngenesis_obj")
+
+
+def test_what_a_method_printed_is_shown_and_control_characters_are_not_obeyed() -> None:
+    from batos_uvm.chat_display import format_reply
+    from batos_uvm.protocol import ErrorInfo, Reply
+
+    shown = format_reply(Reply(status="COMPLETE", result=3, output="hello\n\x1b[2Jgone\n"))
+    assert shown.splitlines() == ["COMPLETE: 3", "printed:", "  | hello", "  | \\x1b[2Jgone"]
+    failed = format_reply(Reply(status="FAILED", error=ErrorInfo(
+        kind="method_raised", reason="ValueError: \x1b]0;owned\x07")))
+    assert "\x1b" not in failed and "\x07" not in failed and "\\x1b]0;owned\\x07" in failed

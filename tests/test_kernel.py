@@ -162,3 +162,20 @@ def test_settings_of_earlier_versions_are_accepted_with_a_warning(tmp_path, capl
         assert "at least 64" in str(exc)
     else:
         raise AssertionError("a cell of 16 MiB was accepted")
+
+
+def test_no_method_is_grown_on_the_kernels_own_objects(tmp_path):
+    harness = Harness(tmp_path, [])
+
+    async def scenario():
+        await harness.start()
+        try:
+            for target in ("traits_obj", "knowledge_catalog_obj", "psm_prototypes_obj"):
+                reply = await harness.send("dismantle", target=target)
+                assert reply.status == "FAILED" and reply.error.kind == "not_understood"
+                assert "belongs to the kernel" in reply.error.reason
+            assert harness.read(lambda root: len(root["cycles"])) == 0
+        finally:
+            await harness.stop()
+
+    run(scenario())

@@ -36,6 +36,7 @@ class Call:
 
     def __init__(self, cell: Cell, message: dict[str, Any]) -> None:
         self.cell = cell
+        self.call_id = message.get("id")
         self.receiver = Receiver(self)
         target = message["self"]
         self.label: str = target["label"]
@@ -196,7 +197,13 @@ class Call:
         answer = self.request("get", target=wire.Handle(number), name=name)
         if isinstance(answer, dict) and answer.get("method"):
             return RemoteMethod(self, number, name)
-        return answer["value"]
+        value = answer["value"]
+        if type(value) is wire.Opaque:
+            raise AttributeError(
+                f"slot {name!r} of {self.names.get(number, 'that object')} holds a "
+                f"{value.type_name}, which generated methods cannot read"
+            )
+        return value
 
     def remote_send(self, number: int, selector: str, args: Any, kwargs: Any) -> Any:
         if number == 0:
@@ -214,7 +221,8 @@ class Call:
 
     def request(self, kind: str, **fields: Any) -> Any:
         """Ask the kernel; our pending changes go first, so it sees what we see."""
-        message = {"op": "request", "kind": kind, "diff": self.flush(), **fields}
+        message = {"op": "request", "call": self.call_id, "kind": kind, "diff": self.flush(),
+                   **fields}
         reply = self.cell.ask(message)
         self.learn_names(reply.get("names"))
         if "self" in reply:

@@ -69,6 +69,13 @@ def _chain_key(chain: list[UvmObject]) -> tuple[Any, ...] | None:
     return tuple(key)
 
 
+_SCALARS = (type(None), bool, int, float, str, bytes)
+# What the kernel takes from a cell, whatever fits in a frame: a depth it can send
+# back out (the encoder of dicts with other keys recurses in Python), and a number
+# of items an invocation may hand over (each costs the event loop and memory).
+MAX_VALUE_DEPTH = 100
+
+
 class Frame:
     """One method execution in one cell: its receiver and its handle table."""
 
@@ -115,8 +122,20 @@ class Frame:
         return wire.Opaque(wire.type_name(obj))
 
     def inward(self, value: Any, *, for_slot: bool) -> Any:
-        """Plain data from a cell, with handles resolved; what a slot may not hold refused."""
+        """Plain data from a cell, with handles resolved; what a slot may not hold refused.
+
+        Walks every item once, in place (decoded values are fresh), within the
+        invocation's budget of items and a depth the kernel can send back out.
+        """
+        return self._inward(value, for_slot, 0)
+
+    def _inward(self, value: Any, for_slot: bool, depth: int) -> Any:
+        self.invocation.spend_items(1)
         kind = type(value)
+        if kind in _SCALARS:
+            return value
+        if depth > MAX_VALUE_DEPTH:
+            raise Refused("RecursionError", f"a value nested more than {MAX_VALUE_DEPTH} levels")
         if kind is wire.Handle:
             return self.resolve(value)
         if kind is wire.Opaque or kind is wire.ReprText:
@@ -124,16 +143,42 @@ class Frame:
                 raise Refused("TypeError", f"cannot keep {value!r} in a slot: it is not plain data")
             return value
         if kind is list:
-            return [self.inward(v, for_slot=for_slot) for v in value]
+            for index, item in enumerate(value):
+                inner = self._inward(item, for_slot, depth + 1)
+                if inner is not item:
+                    value[index] = inner
+            return value
         if kind is dict:
-            return {k: self.inward(v, for_slot=for_slot) for k, v in value.items()}
+            for key, item in value.items():
+                self._key(key, depth + 1)
+                inner = self._inward(item, for_slot, depth + 1)
+                if inner is not item:
+                    value[key] = inner  # an existing key: the dict keeps its size
+            return value
         if kind is tuple:
-            return tuple(self.inward(v, for_slot=for_slot) for v in value)
-        if kind in (set, frozenset):
-            for v in value:
-                if type(v) is wire.Handle or (for_slot and type(v) in (wire.Opaque, wire.ReprText)):
-                    raise Refused("TypeError", "sets of objects cannot cross a cell boundary")
-        return value
+            items = [self._inward(item, for_slot, depth + 1) for item in value]
+            return value if all(a is b for a, b in zip(items, value, strict=True)) else tuple(items)
+        if kind is set or kind is frozenset:
+            for item in value:
+                self._key(item, depth + 1)
+            return value
+        raise Refused("TypeError", f"a {wire.type_name(value)} is not plain data")
+
+    def _key(self, key: Any, depth: int) -> None:
+        """Dict keys and set members: plain values only, no objects or kernel markers."""
+        self.invocation.spend_items(1)
+        kind = type(key)
+        if kind in _SCALARS:
+            return
+        if depth > MAX_VALUE_DEPTH:
+            raise Refused("RecursionError", f"a value nested more than {MAX_VALUE_DEPTH} levels")
+        if kind is tuple or kind is frozenset:
+            for item in key:
+                self._key(item, depth + 1)
+            return
+        raise Refused(
+            "TypeError", f"a {wire.type_name(key)} cannot be a dict key or a set member here"
+        )
 
     # -- what the cell sees of its receiver ---------------------------------------------------
     def snapshot(self) -> dict[str, Any]:

@@ -13,17 +13,25 @@ cell sends is trusted beyond plain data.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-from ..objects import MethodRecord, UvmObject, describe_briefly
+from ..objects import (
+    MethodRecord,
+    UvmObject,
+    describe_briefly,
+    holds_kernel_object,
+    kernel_owned,
+)
 from .frame import Frame, Refused, check_slot_name
 from .pool import Cell, CellCrashed, CellFailure, CellPool, CellProtocolError, CellTimeout
 
 MAX_DEPTH = 8  # nested sends from generated code
 ATTEMPTS_ON_DEAD_CELLS = 3  # a call that reached only cells dead before it began
 MAX_OUTPUT = 32 * 1024  # printed text kept per invocation (a cell keeps 16 KiB per call)
+MAX_ITEMS = 500_000  # values (list items, dict entries ...) taken from cells per message
 PRIMITIVES_FOR_METHODS = frozenset({"clone", "describe", "catalog.search", "infer"})
 
 
@@ -67,14 +75,21 @@ class Invocation:
     ) -> None:
         self.pool = pool
         self.timeout = timeout
-        self.time_left = timeout  # cell time: waiting on kernel services does not count
-        self.wall_deadline = time.monotonic() + max(timeout * 20, 600.0)
+        # The message's time runs on the wall clock (cells starting, the kernel's own
+        # work, nested sends all count), except while a kernel service answers.
+        self.started = time.monotonic()
+        self.in_services = 0.0
+        self.wall_deadline = self.started + max(timeout * 20, 600.0)  # services included
         self.services = services or NoServices()
         self.overlay = dict(overlay or {})  # (id(object), selector) -> source: a trial's candidate
+        self.items_left = MAX_ITEMS  # values taken from cells (see spend_items)
         self.output_parts: list[str] = []
         self.output_size = 0
         self._versions: dict[int, int] = {}
         self._ids = 0
+        # (object, slot, had it, old value) for every change applied: a method that
+        # raises, also one nested in another, takes its changes back with it.
+        self.undo: list[tuple[UvmObject, str, bool, Any]] = []
 
     # -- bookkeeping ---------------------------------------------------------------------
     @property
@@ -89,6 +104,18 @@ class Invocation:
             text = text[:room] + "\n... (more output of nested calls not kept)"
         self.output_parts.append(text)
         self.output_size += len(text)
+
+    def spend_items(self, count: int) -> None:
+        """Count items taken from cells; past the budget the message fails, naming it."""
+        self.items_left -= count
+        if self.items_left < 0:
+            raise Refused(
+                "MemoryError",
+                f"the method handed the kernel more than {MAX_ITEMS} values in one message",
+            )
+
+    def time_left(self) -> float:
+        return self.timeout - (time.monotonic() - self.started - self.in_services)
 
     def version(self, obj: Any) -> int:
         return self._versions.get(id(obj), 0)
@@ -149,18 +176,49 @@ class Invocation:
     ) -> Any:
         if depth > MAX_DEPTH:
             raise Refused("RecursionError", f"sends between methods nest more than {MAX_DEPTH} deep")
-        for attempt in range(1, ATTEMPTS_ON_DEAD_CELLS + 1):
-            frame = Frame(self, receiver)
-            cell = await self.pool.acquire(nested=depth > 0)
-            heard = [False]
-            try:
-                return await self._run_in(cell, frame, selector, source, args, kwargs, depth, heard)
-            except CellCrashed:
-                # A cell that died while idle (killed, OOM) never saw this call: nothing
-                # was applied or asked, so the call runs again on another cell.
-                if attempt == ATTEMPTS_ON_DEAD_CELLS or heard[0]:
-                    raise
-        raise AssertionError("unreachable")
+        mark = len(self.undo)
+        try:
+            for attempt in range(1, ATTEMPTS_ON_DEAD_CELLS + 1):
+                frame = Frame(self, receiver)
+                cell = await self._acquire(receiver, nested=depth > 0)
+                heard = [False]
+                try:
+                    return await self._run_in(
+                        cell, frame, selector, source, args, kwargs, depth, heard
+                    )
+                except CellCrashed:
+                    # A cell that died while idle (killed, OOM) never saw this call:
+                    # nothing was applied or asked, so it runs again on another cell.
+                    if attempt == ATTEMPTS_ON_DEAD_CELLS or heard[0]:
+                        raise
+            raise AssertionError("unreachable")
+        except BaseException:
+            self._take_back(mark)
+            raise
+
+    async def _acquire(self, receiver: UvmObject, *, nested: bool) -> Cell:
+        """A cell for this receiver: one that served it before, or one never used.
+
+        A cell that ran one object's methods never serves another's: should
+        generated code escape everything Python-level in its cell, it can
+        still reach only what that object's own methods could.
+        """
+        tag = receiver._p_oid or ("transient", id(receiver))
+        try:
+            async with asyncio.timeout(max(self.time_left(), 0.001)):
+                return await self.pool.acquire(nested=nested, tag=tag)
+        except TimeoutError:
+            raise CellTimeout("no cell became free in time") from None
+
+    def _take_back(self, mark: int) -> None:
+        """Undo the changes applied since ``mark``, newest first."""
+        while len(self.undo) > mark:
+            obj, name, had, old = self.undo.pop()
+            if had:
+                setattr(obj, name, old)
+            elif name in obj.slot_names():
+                delattr(obj, name)
+            self._changed(obj)
 
     async def _run_in(
         self,
@@ -192,6 +250,8 @@ class Invocation:
             while True:
                 reply = await self._receive(cell)
                 heard[0] = True
+                if reply.get("call", reply.get("id")) != message["id"]:
+                    raise CellProtocolError("the cell answered another call than the one sent")
                 op = reply.get("op")
                 if op == "done":
                     break
@@ -224,11 +284,7 @@ class Invocation:
     async def _receive(self, cell: Any) -> dict[str, Any]:
         if time.monotonic() > self.wall_deadline:
             raise CellTimeout("wall time")
-        started = time.monotonic()
-        try:
-            return await cell.receive(self.time_left)
-        finally:
-            self.time_left -= time.monotonic() - started
+        return await cell.receive(self.time_left())
 
     # -- a cell's requests ---------------------------------------------------------------------
     async def _serve(self, frame: Frame, request: dict[str, Any], depth: int) -> dict[str, Any]:
@@ -345,7 +401,7 @@ class Invocation:
             if name == "ask" and len(args) == 2:
                 return await self.services.ask(str(args[0]).upper(), str(args[1]))
         finally:
-            self.time_left += time.monotonic() - paused  # services do not use the method's time
+            self.in_services += time.monotonic() - paused  # not the method's time
         raise Refused("RuntimeError", f"unknown kernel service {name!r}")
 
     def _slots_for_clone(self, frame: Frame, slots: Any) -> dict[str, Any]:
@@ -365,19 +421,26 @@ class Invocation:
         if not changes and not deletions:
             return
         receiver = frame.receiver
+        if kernel_owned(receiver):
+            raise Refused("PermissionError", f"{describe_briefly(receiver)} belongs to the "
+                          "kernel: generated methods cannot change it")
         values = {check_slot_name(n): frame.inward(v, for_slot=True) for n, v in changes.items()}
-        own = set(receiver.slot_names())
+        state = receiver._slots
         for name in deletions:
             check_slot_name(name)
-            if name not in own and name not in values:
+            if name not in state and name not in values:
                 raise Refused("AttributeError", f"{describe_briefly(receiver)} has no slot "
                               f"{name!r} of its own to delete")
-        if not values and not deletions:
-            return
+        for name in (*values, *deletions):
+            if name in state and holds_kernel_object(state[name]):
+                raise Refused("PermissionError", f"slot {name!r} of {describe_briefly(receiver)} "
+                              "holds a kernel object: generated methods cannot replace it")
         for name, value in values.items():
+            self.undo.append((receiver, name, name in state, state.get(name)))
             setattr(receiver, name, value)
         for name in deletions:
-            if name in receiver.slot_names():
+            if name in state:
+                self.undo.append((receiver, name, True, state[name]))
                 delattr(receiver, name)
         self._changed(receiver)
         frame.seen_version = self.version(receiver)

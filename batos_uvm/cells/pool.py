@@ -93,9 +93,11 @@ class CellConfig:
     @classmethod
     def from_settings(cls, settings: Any) -> CellConfig:
         """How a kernel with these settings contains its cells (docs/CELLS.md)."""
-        # A cell may answer more than a client may send, so that a method returning
-        # (or storing) its caller's argument never fails on a limit the argument set.
-        frame = max(4 * 2**20, 2 * settings.max_message_bytes + 64 * 1024)
+        # What a cell may hand the kernel in one frame: room for a caller's whole
+        # argument and then some (a method returning or storing it never fails on a
+        # limit the argument set); little enough that decoding it on the event
+        # loop stays short (a byte can decode to an object: an empty list).
+        frame = max(2**20, settings.max_message_bytes) + 64 * 1024
         return cls(
             memory_bytes=settings.cell_memory_mb * 2**20,
             cpu_per_call=max(settings.method_timeout, settings.trial_wall_seconds) + 1,
@@ -110,6 +112,7 @@ class CellConfig:
             "cpu_per_call": self.cpu_per_call,
             "layers": list(self.layers),
             "max_calls": self.max_calls,
+            "max_frame": self.limits.max_bytes,
             "unrestricted": self.unrestricted,
         }
 
@@ -130,6 +133,7 @@ class Cell:
         self.layers: dict[str, str] = {}
         self.calls = 0
         self.known: set[str] = set()  # method sources this cell was sent (it may forget some)
+        self.tag: Any = None  # the receiver it serves, once it ran a method
         self.started = time.monotonic()
         self._stderr = b""
         self._stderr_task = asyncio.ensure_future(self._drain_stderr())
@@ -312,8 +316,11 @@ class CellPool:
 
     # -- life cycle ---------------------------------------------------------------------
     def warm(self) -> None:
-        """Start cells in the background until the pool holds ``size`` of them."""
-        while not self._closed and self._total() < self.size:
+        """Start cells in the background: ``size`` in all, and one fresh for a new receiver."""
+        while not self._closed and (
+            self._total() < self.size
+            or (self._fresh() == 0 and self._total() < self.size + 1)
+        ):
             self._starting += 1
             self._background(self._start_idle())
 
@@ -371,26 +378,33 @@ class CellPool:
             await asyncio.gather(*list(self._tasks), return_exceptions=True)
 
     # -- taking and giving back ---------------------------------------------------------
-    async def acquire(self, *, nested: bool = False) -> Cell:
-        """An idle cell; a new one when none is idle (always for nested calls, up to max)."""
+    async def acquire(self, *, nested: bool = False, tag: Any = None) -> Cell:
+        """A cell for a call whose receiver is ``tag``.
+
+        A cell that served one receiver serves no other (see invocation): the
+        pool hands out an idle cell of the same receiver, else a fresh one, else
+        starts one (up to ``size`` plus one spare, or ``max_cells`` for nested
+        calls), making room by retiring the receiver's cell least recently used.
+        """
         while True:
             if self._closed:
                 raise CellFailure("the kernel is shutting down")
-            while self._idle:
-                cell = self._idle.pop()
-                if cell.alive:
-                    self._busy.add(cell)
-                    self.warm()
-                    return cell
-                self.replaced += 1
-                await cell.close()
-            total = len(self._busy) + self._starting
-            if (nested and total < self.max_cells) or total < self.size:
+            cell = self._take_idle(tag) or self._take_idle(None)
+            if cell is not None:
+                cell.tag = tag
+                self._busy.add(cell)
+                self.warm()  # a fresh spare for the next receiver
+                return cell
+            limit = self.max_cells if nested else self.size + 1
+            if self._total() >= limit and self._idle:
+                self.discard(self._idle.pop(0))  # the least recently used receiver's cell
+            if self._total() < limit:
                 self._starting += 1
                 try:
                     cell = await self._start()
                 finally:
                     self._starting -= 1
+                cell.tag = tag
                 self._busy.add(cell)
                 return cell
             if nested:
@@ -405,22 +419,33 @@ class CellPool:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
 
+    def _take_idle(self, tag: Any) -> Cell | None:
+        for index in range(len(self._idle) - 1, -1, -1):
+            cell = self._idle[index]
+            if cell.tag == tag:
+                del self._idle[index]
+                if cell.alive:
+                    return cell
+                self.discard(cell)
+        return None
+
     def release(self, cell: Cell) -> None:
-        """Give back a cell that finished its call normally."""
+        """Give back a cell that finished its call normally (it keeps its receiver)."""
         self._busy.discard(cell)
         cell.calls += 1
         if self._closed or not cell.alive or cell.calls >= self.config.max_calls:
             self.discard(cell)
             return
-        if self._total() >= self.size:
-            self._background(cell.close())  # an extra for nested calls: not kept warm
-        else:
-            self._idle.append(cell)
+        self._idle.append(cell)
+        while self._total() > self.size + 1 and len(self._idle) > 1:
+            self.discard(self._idle.pop(0))  # nested-call extras are not all kept warm
         self._wake()
 
     def discard(self, cell: Cell) -> None:
         """Kill a cell that failed (or is done) and start its replacement."""
         self._busy.discard(cell)
+        if cell in self._idle:
+            self._idle.remove(cell)
         self.replaced += 1
         self._background(cell.close())
         self.warm()
@@ -428,6 +453,10 @@ class CellPool:
 
     def _total(self) -> int:
         return len(self._idle) + len(self._busy) + self._starting
+
+    def _fresh(self) -> int:
+        """Cells that never ran a method, idle or starting."""
+        return self._starting + sum(1 for cell in self._idle if cell.tag is None)
 
     def _wake(self) -> None:
         """Let one waiting acquire look again (a cell was given back or started)."""
@@ -442,6 +471,7 @@ class CellPool:
             "size": self.size,
             "idle": len(self._idle),
             "busy": len(self._busy),
+            "receivers": len({cell.tag for cell in [*self._idle, *self._busy]} - {None}),
             "starting": self._starting,
             "started": self.started,
             "replaced": self.replaced,

@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     if not unrestricted:
         restricted.extra_builtins["batos"] = proxy.SERVICES
     cell = runtime.Cell(channel, compile_method)
+    cell.max_frame = int(config.get("max_frame", cell.max_frame))
     channel.send({"op": "ready", "pid": os.getpid(), "layers": layers,
                   "restricted": not unrestricted})
     cpu_per_call = float(config.get("cpu_per_call", 0))

@@ -42,7 +42,10 @@ class Channel:
         self._write = os.write
 
     def send(self, message: dict[str, Any]) -> None:
-        data = wire.frame(wire.encode(message))
+        self.send_bytes(wire.encode(message))
+
+    def send_bytes(self, payload: bytes) -> None:
+        data = wire.frame(payload)
         view = memoryview(data)
         while view:
             view = view[self._write(self.fd, view) :]
@@ -111,6 +114,7 @@ class Cell:
         self.compiled: OrderedDict[str, types.FunctionType] = OrderedDict()
         self.calls = 0
         self.last_value: Any = None
+        self.max_frame = 1 << 31  # what the kernel accepts (the runner sets it)
 
     def ask(self, message: dict[str, Any]) -> dict[str, Any]:
         self.channel.send(message)
@@ -197,14 +201,28 @@ class Cell:
         return outcome
 
     def answer(self, outcome: dict[str, Any]) -> None:
-        """Send the outcome; a value that is not plain data goes as its repr."""
+        """Send the outcome; a value that is not plain data goes as its repr.
+
+        An outcome larger than the kernel accepts becomes an error the method's
+        author can act on, instead of a frame the kernel would refuse.
+        """
         try:
-            self.channel.send(outcome)
-        except wire.WireError:
-            if "value" not in outcome:
-                raise
-            outcome["value"] = repr_of(self.last_value)
-            self.channel.send(outcome)
+            try:
+                payload = wire.encode(outcome)
+            except wire.WireError:
+                if "value" not in outcome:
+                    raise
+                outcome["value"] = repr_of(self.last_value)
+                payload = wire.encode(outcome)
+            if len(payload) > self.max_frame:
+                error = MemoryError(
+                    f"the method's result and changes take {len(payload)} bytes; a call may "
+                    f"hand the kernel at most {self.max_frame}"
+                )
+                payload = wire.encode({"op": "done", "id": outcome.get("id"),
+                                       "error": _error(error), "output": outcome.get("output", ""),
+                                       "diff": {"set": {}, "delete": []}})
+            self.channel.send_bytes(payload)
         finally:
             self.last_value = None
 

@@ -74,8 +74,9 @@ class Limits:
 
     def __init__(
         self,
-        max_bytes: int = 4 * 2**20,  # one frame
-        max_nesting: int = 32,  # tuples, sets and maps inside each other
+        max_bytes: int = 2**20 + 64 * 1024,  # one frame
+        max_nesting: int = 8,  # tuples, sets and maps inside each other (each may hold
+        # plain nesting up to ormsgpack's own limit, so this bounds the C stack too)
         max_int_bits: int = 65_536,
         max_text: int = 64 * 1024,  # the repr of a result that is not plain data
     ) -> None:
@@ -287,18 +288,35 @@ class Decoder:
             self._depth -= 1
         if type(items) is not list:
             raise WireError("a malformed container")
-        try:
-            if tag == EXT_TUPLE:
-                return tuple(items)
-            if tag == EXT_SET:
-                return set(items)
-            if tag == EXT_FROZENSET:
-                return frozenset(items)
+        if tag == EXT_TUPLE:
+            return tuple(items)
+        if tag == EXT_PAIRS:
             if not all(type(pair) is list and len(pair) == 2 for pair in items):
                 raise WireError("a malformed map")
+            _check_hashes([pair[0] for pair in items])
             return dict(items)
-        except TypeError as exc:  # an unhashable key or member
-            raise WireError(f"a malformed container: {exc}") from None
+        _check_hashes(items)
+        return set(items) if tag == EXT_SET else frozenset(items)
+
+
+MAX_COLLISIONS = 64
+
+
+def _check_hashes(keys: list[Any]) -> None:
+    """Refuse members that are unhashable, or that share hashes to make hashing quadratic.
+
+    Strings hash with a per-process key, but integers (equal modulo 2**61 - 1),
+    floats and tuples of them collide at will; n colliding members cost n**2
+    comparisons to put in a set. Counting distinct hashes costs one pass.
+    """
+    try:
+        distinct = len(set(map(hash, keys)))
+    except TypeError as exc:  # an unhashable key or member
+        raise WireError(f"a malformed container: {exc}") from None
+    if len(keys) - distinct > MAX_COLLISIONS:
+        raise WireError(
+            f"{len(keys) - distinct} members of a set or keys of a map share their hashes"
+        )
 
 
 _decoders: dict[int, Decoder] = {}
