@@ -187,8 +187,8 @@ def run_child(args: list[str]) -> dict[str, float]:
 def table_image(sizes: list[int], samples: int, workdir: Path) -> None:
     table = Table(
         "image: N objects, each reading its prototype's slot once (min / median / max)",
-        [("objects", 10), ("kind", 6), ("commit us/obj", 15), ("open ms", 26),
-         ("read us/obj", 24), ("RSS MB after min.", 20), ("in memory", 12), ("RSS ratio", 11)],
+        [("objects", 10), ("kind", 6), ("commit us/obj", 15), ("open ms", 28),
+         ("read us/obj", 28), ("RSS MB after min.", 20), ("in memory", 12), ("RSS ratio", 11)],
     )  # fmt: skip
     for count in sizes:
         paths = {kind: workdir / f"image-{kind}-{count}.fs" for kind in ("plain", "uvm")}
@@ -277,8 +277,8 @@ def depth_row(conn: Any, depth: int, samples: int) -> dict[str, Any]:
 def table_writes(sizes: list[int], samples: int, workdir: Path) -> None:
     table = Table(
         "write a slot, then read a delegated slot, with N objects holding cached values (us)",
-        [("objects", 10), ("plain Persistent", 24), ("UvmObject", 30), ("ratio", 9),
-         ("write prototype, read", 30)],
+        [("objects", 10), ("plain Persistent", 26), ("UvmObject", 34), ("ratio", 9),
+         ("write prototype, read", 34)],
     )  # fmt: skip
     for count in sizes:
         results = writes_row(workdir / f"writes-{count}.fs", count, samples)
@@ -354,7 +354,7 @@ def table_methods(sizes: list[int], samples: int, workdir: Path) -> None:
     table = Table(
         "methods per object: install one more and commit; call one; load the object",
         [("methods", 8), ("install+commit ms", 26), ("file growth B (x source)", 26),
-         ("call us", 22), ("call vs 10", 11), ("load + first call ms", 24)],
+         ("call us", 22), ("call vs 10", 11), ("load + first call ms", 26)],
     )  # fmt: skip
     path = workdir / "methods.fs"
     db = open_db(path)
@@ -402,8 +402,8 @@ def table_methods(sizes: list[int], samples: int, workdir: Path) -> None:
 def table_catalog(sizes: list[int], samples: int, workdir: Path) -> None:
     table = Table(
         "catalog: N chunks (hashing embedder, dim 384; query vectors computed in advance)",
-        [("chunks", 8), ("index us/chunk", 15), ("numpy scan ms", 24), ("search ms", 24),
-         ("ratio", 8), ("after a write ms", 26), ("after / steady", 15), ("recall@5", 9)],
+        [("chunks", 8), ("index us/chunk", 15), ("numpy scan ms", 26), ("search ms", 26),
+         ("ratio", 8), ("after a write ms", 28), ("after / steady", 15), ("recall@5", 9)],
     )  # fmt: skip
     for count in sizes:
         row = catalog_row(workdir / f"catalog-{count}.fs", count, samples)
