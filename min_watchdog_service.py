@@ -350,7 +350,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--kernel", type=Path, default=HERE / "batos.py", help="kernel script")
     a("--log-dir", type=Path, default=Path("logs"), help="kernel.log and watchdog.jsonl")
     a("--status-file", type=Path, help="JSON status; %(default)s: LOG_DIR/watchdog.status.json")
-    a("--backoff-initial", type=float, default=0.5, help="first restart delay, s")
+    # a kernel answers within about a second of starting: the first restart need not wait long
+    a("--backoff-initial", type=float, default=0.1, help="first restart delay, s")
     a("--backoff-factor", type=float, default=2.0, help="delay multiplier per failure")
     a("--backoff-max", type=float, default=30.0, help="largest restart delay, s")
     a("--backoff-reset", type=float, default=60.0, help="healthy time that resets the delay, s")
