@@ -205,15 +205,32 @@ class Watchdog(Upgrades):
         self.log("kernel_stopped", pid=proc.pid, exit_code=proc.wait())
 
     def probe(self) -> bool:
+        """Run the health command; False if it fails, times out, or the kernel dies meanwhile.
+
+        The kernel is watched while the probe runs: a kernel killed during a probe is
+        restarted at once, not after the probe has waited out its own timeout.
+        """
         quiet = {
             "stdin": subprocess.DEVNULL,
             "stdout": subprocess.DEVNULL,
             "stderr": subprocess.STDOUT,
         }
         try:
-            return subprocess.call(self.health_cmd, timeout=self.cfg.probe_timeout, **quiet) == 0
-        except (OSError, subprocess.TimeoutExpired):
+            check = subprocess.Popen(self.health_cmd, **quiet)
+        except OSError:
             return False
+        deadline = time.monotonic() + self.cfg.probe_timeout
+        try:
+            while (code := check.poll()) is None:
+                kernel_gone = self.proc is None or self.proc.poll() is not None
+                if kernel_gone or self.stop_signal or time.monotonic() > deadline:
+                    return False
+                time.sleep(0.02)
+            return code == 0
+        finally:
+            if check.poll() is None:
+                check.kill()
+                check.wait()
 
     def wait_healthy(self, timeout: float) -> tuple[bool, str]:
         """Probe until the kernel answers; gives up if it exits, a stop arrives or on timeout."""
@@ -324,6 +341,8 @@ class Watchdog(Upgrades):
             self.next_health = now + self.cfg.health_interval
             if self.probe():
                 self.health_failures = 0
+            elif self.proc.poll() is not None:
+                return None  # it died during the probe: the next step restarts it
             else:
                 self.health_failures += 1
                 self.log("health_check_failed", consecutive=self.health_failures)
@@ -350,7 +369,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     a("--kernel", type=Path, default=HERE / "batos.py", help="kernel script")
     a("--log-dir", type=Path, default=Path("logs"), help="kernel.log and watchdog.jsonl")
     a("--status-file", type=Path, help="JSON status; %(default)s: LOG_DIR/watchdog.status.json")
-    a("--backoff-initial", type=float, default=0.5, help="first restart delay, s")
+    # a kernel answers within about a second of starting: the first restart need not wait long
+    a("--backoff-initial", type=float, default=0.1, help="first restart delay, s")
     a("--backoff-factor", type=float, default=2.0, help="delay multiplier per failure")
     a("--backoff-max", type=float, default=30.0, help="largest restart delay, s")
     a("--backoff-reset", type=float, default=60.0, help="healthy time that resets the delay, s")

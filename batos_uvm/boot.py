@@ -1,7 +1,8 @@
 """Starting a kernel process: refuse what is wrong, answer within a second, then load.
 
 ``python batos.py`` runs ``serve``. Before anything slow, and before anything is
-created, it refuses a bad image path or a locked image (image_path.preflight);
+created, it refuses a backend spec with a typo or a missing file
+(config.check_cognition) and a bad image path or a locked image (image_path.preflight);
 then it binds the bridge with the *lobby* as its handler, having imported only
 pyzmq and the protocol. The lobby answers ``ping`` at once (the kernel is
 starting) and holds every other request until the kernel takes over. The
@@ -21,7 +22,7 @@ import uuid
 from typing import Any
 
 from .bridge import Bridge, CurveServerConfig
-from .config import Settings
+from .config import Settings, check_cognition
 from .image_path import preflight
 from .protocol import Reply
 
@@ -87,6 +88,7 @@ async def serve(settings: Settings) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # the kernel installs its own when it runs
         loop.add_signal_handler(sig, stop.set)
+    check_cognition(settings)
     preflight(settings)
     boot_id = uuid.uuid4().hex
     lobby = Lobby(boot_id)

@@ -152,6 +152,37 @@ def load_settings(
     return settings
 
 
+def check_cognition(settings: Settings) -> None:
+    """Refuse a backend spec nobody can use, and files it names that do not exist.
+
+    Checked by a starting kernel (boot.serve) before anything else happens. A
+    kernel with no backend at all still starts (briefs then fail saying how to
+    configure one); a spec with a typo does not.
+    """
+    from .cognition import CognitionError, parse_spec
+
+    for persona in PERSONAS:
+        spec = settings.persona_backend(persona)
+        where = f"[personas.{persona}]" if persona in settings.personas else "backend"
+        try:
+            config = parse_spec(spec)
+        except CognitionError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        kind = config["backend"]
+        path = config.get("path") if kind == "replay" else (
+            config.get("model_path") if kind == "llama-cpp" else None)
+        if kind in ("replay", "llama-cpp") and not path:
+            raise ConfigError(f"{where}: {kind} needs a file: {kind}:PATH")
+        if path and not Path(path).expanduser().is_file():
+            what = "replay cassette" if kind == "replay" else "model file"
+            raise ConfigError(f"{where}: {what} {path} does not exist")
+        url = str(config.get("base_url", ""))
+        if kind == "openai" and not url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"{where}: the openai backend needs an http(s) URL, e.g. "
+                f"openai:http://127.0.0.1:8000/v1#MODEL (got {url!r})")
+
+
 ZEO_OFF = frozenset({"", "off", "no", "false"})
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 

@@ -146,15 +146,15 @@ class Kernel:
             await asyncio.to_thread(
                 awaken_objects, self.image.db, self._kernel_alive, self.settings
             )
-        except BaseException as exc:
+            self.embedder = default_embedder(self.settings.embedder)
+            self._register_primitives()
+            specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
+            self.cognition = Cognition(specs, db=self.image.db)
+            await self.audit.start()
+        except BaseException as exc:  # close what was opened: the image, its ZEO address file
             self.readiness.mark_failed(IMAGE, f"{type(exc).__name__}: {exc}")
             await self.stop()
             raise
-        self.embedder = default_embedder(self.settings.embedder)
-        self._register_primitives()
-        specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
-        self.cognition = Cognition(specs, db=self.image.db)
-        await self.audit.start()
         self._background = [asyncio.create_task(self._save_index_now_and_then(), name="index")]
         for number in range(self.settings.workers):
             self._workers.append(asyncio.create_task(self._worker(number), name=f"worker-{number}"))

@@ -131,6 +131,7 @@ class Readiness:
         """Wait for several parts, calling ``on_wait(what, waited_s)`` now and every ``every`` s."""
         started = time.monotonic()
         waiting = asyncio.ensure_future(asyncio.gather(*(self.wait(n) for n in names)))
+        waiting.add_done_callback(_retrieve)  # also when abandoned at shutdown
         try:
             while True:
                 pending = self.pending(names)
@@ -174,6 +175,11 @@ class Readiness:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def in_daemon_thread(function: Callable[..., Any], *args: Any) -> Any:

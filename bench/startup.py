@@ -17,6 +17,9 @@ round by round so a change in machine load hits every measurement alike:
 * clean stop: SIGTERM to process exit (after the existing-image sample);
 * watchdog: ``min_watchdog_service.py`` with its default options supervises the
   kernel; SIGKILL the kernel, time until a kernel with a new boot id answers.
+  Each kill waits until the watchdog has reset its backoff (the kernel healthy
+  for ``--backoff-reset``, 60 s), so every sample is the restart of a kernel that
+  had been running, not the growing delay of a crash loop.
 
 The kernel runs as a user starts it: ``batos.py --db PATH --endpoint URL``,
 nothing else (default embedder, default ZEO serving, no model configured). The
@@ -212,6 +215,7 @@ class WatchedKernel:
         self.proc = bench.spawn(argv, self.dir / "watchdog.out")
         self.poller = Poller(self.endpoint)
         self.boot = self._boot(None)
+        self.kills = 0
 
     def _boot(self, not_boot: str | None) -> str:
         box: dict[str, str] = {}
@@ -232,14 +236,24 @@ class WatchedKernel:
         except (OSError, ValueError):
             return {}
 
+    def backoff_resets(self) -> int:
+        try:
+            lines = (self.dir / "logs" / "watchdog.jsonl").read_text().splitlines()
+        except OSError:
+            return 0
+        return sum(json.loads(line)["event"] == "backoff_reset" for line in lines)
+
     def kill_and_wait(self) -> float:
-        deadline = time.monotonic() + 120
-        while self.status().get("state") != "up" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and (
+            self.status().get("state") != "up" or self.backoff_resets() < self.kills
+        ):
+            time.sleep(0.2)
         self.poller.until(ready)  # a kernel busy loading in the background is not idle
         pid = int(self.status()["kernel_pid"])
         started = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
+        self.kills += 1
         self.boot = self._boot(self.boot)
         return time.perf_counter() - started
 

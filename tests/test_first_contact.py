@@ -100,6 +100,18 @@ def test_a_locked_image_is_refused_before_the_bridge_binds(tmp_path):
         refused(done, 2, "is in use by PID", str(kernel.pid))
 
 
+@pytest.mark.parametrize(("backend", "says"), [
+    ("nonsense:x", "unknown cognition backend 'nonsense:x'"),
+    ("replay:/no/such/cassette.jsonl", "replay cassette /no/such/cassette.jsonl does not exist"),
+    ("llama-cpp:/no/such/model.gguf", "model file /no/such/model.gguf does not exist"),
+    ("openai:127.0.0.1:8000/v1#m", "needs an http(s) URL"),
+])
+def test_a_backend_with_a_typo_is_refused_before_any_image_exists(tmp_path, backend, says):
+    done = batos("--db", str(tmp_path / "live_image.fs"), "--backend", backend)
+    refused(done, 2, says)
+    nothing_created(tmp_path, set())
+
+
 # --- image paths and creation -----------------------------------------------------------
 
 

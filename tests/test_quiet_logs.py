@@ -53,3 +53,16 @@ def test_the_shell_says_before_find_loads_its_model(tmp_path):
     assert notice in done.stderr
     assert "pip install kernels" not in done.stderr + done.stdout
     assert done.stdout.startswith("1. ")
+
+
+def test_a_kernel_stopped_while_loading_stops_quietly_and_at_once(tmp_path):
+    kernel = KernelProcess(tmp_path, embedder="minilm").launch()
+    try:
+        status = None
+        while status is None or "the kernel" in status.get("loading", ()):
+            status = kernel.status(timeout=1.0)  # the kernel itself answers
+        assert not status["ready"]
+    finally:
+        assert kernel.stop(timeout=30) == 0
+    log = kernel.log_path.read_text()
+    assert "ERROR" not in log and "Traceback" not in log, log

@@ -1,9 +1,13 @@
-"""The watchdog and a kernel that refuses its settings (exit code 2): stop, say why."""
+"""The watchdog and starting kernels: one that refuses its settings (exit code 2) stops it
+with the reason; one that dies while a health probe runs is restarted at once."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
+import sys
+from datetime import datetime
 
 from kernel_process import PYTHON, KernelProcess, run_env
 from test_watchdog import WATCHDOG, runs, wait_for, wd  # noqa: F401 - runs is a fixture
@@ -38,3 +42,14 @@ def test_the_real_kernel_refusing_a_mistyped_db_stops_the_watchdog(tmp_path):
     assert done.returncode == 2, done.stderr
     assert f"directory {tmp_path / 'typo'} does not exist" in done.stderr
     assert not (tmp_path / "typo").exists()
+
+
+def test_a_kernel_dying_during_a_slow_probe_is_restarted_at_once(tmp_path, runs):  # noqa: F811
+    slow_probe = [sys.executable, "-c", "import time; time.sleep(3)"]
+    run = runs(tmp_path, ["--crash-after", "4.5"],
+               ["--health-cmd", json.dumps(slow_probe), "--crash-loop-count", "50"])
+    wait_for(lambda: run.events("kernel_failed"), timeout=30)
+    died = run.marks("exit")[0]["t"]
+    noticed = datetime.fromisoformat(run.events("kernel_failed")[0]["ts"]).timestamp()
+    assert noticed - died < 1.0, noticed - died  # not after the 3 s probe finished
+    assert not run.events("health_check_failed")  # a death is not a failed health check
