@@ -29,7 +29,6 @@ import asyncio
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,16 +49,6 @@ from batos_uvm.restricted import compile_method  # noqa: E402
 
 SOURCE = "def add(self, a, b):\n    return a + b\n"
 
-ECHO_SERVER = """
-import sys, zmq, ormsgpack
-sock = zmq.Context().socket(zmq.ROUTER)
-print(sock.bind_to_random_port("tcp://127.0.0.1"), flush=True)
-while True:
-    ident, frame = sock.recv_multipart()
-    msg = ormsgpack.unpackb(frame)
-    sock.send_multipart([ident, ormsgpack.packb({"v": 1, "type": "reply", "id": msg["id"],
-                                                 "status": "COMPLETE", "result": 3})])
-"""
 
 
 def stats(samples: list[float]) -> dict[str, float]:
@@ -186,13 +175,12 @@ async def part_one(workdir: Path, calls: int, kills: int) -> None:
 
 
 def part_two(workdir: Path, n: int, rounds: int) -> None:
+    from bridge import RAW_ECHO, spawn_echo  # the bridge benchmark's baseline, as it is there
     from kernel_process import KernelProcess
 
     from batos_uvm.client import BridgeClient
 
-    echo = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE,
-                            text=True)
-    port = int(echo.stdout.readline())
+    echo, echo_endpoint = spawn_echo(RAW_ECHO)
     kernel = KernelProcess(workdir / "kernel")
     try:
         kernel.start()
@@ -200,7 +188,7 @@ def part_two(workdir: Path, n: int, rounds: int) -> None:
         assert done.returncode == 0, done.stderr
         ctx = zmq.Context()
         raw = ctx.socket(zmq.DEALER)
-        raw.connect(f"tcp://127.0.0.1:{port}")
+        raw.connect(echo_endpoint)
         client = BridgeClient(kernel.endpoint, timeout=30)
         assert client.send("genesis_obj", "add", [1, 2]).result == 3
 
