@@ -49,6 +49,7 @@ from .objects import (
     describe_briefly,
     kernel_owned,
 )
+from .outcomes import SendFailed, completed, cycle_failed, to_wire
 from .protocol import (
     CancelRequest,
     CycleRequest,
@@ -62,7 +63,6 @@ from .protocol import (
 )
 from .readiness import NotReady, Readiness, in_daemon_thread
 from .recordings import recorded_briefs
-from .replies import SendFailed, completed, cycle_failed, to_wire
 from .services import KernelServices
 
 log = logging.getLogger("batos.kernel")
