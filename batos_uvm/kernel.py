@@ -37,6 +37,7 @@ from .cycle import (
     run_candidate_trial,
 )
 from .deadline import MethodAbandoned, MethodTimeout, run_with_deadline
+from .default_brain import backend_for_stored_model
 from .image import OpenImage, open_image
 from .objects import SelectorNotUnderstood, UvmObject, check_selector
 from .protocol import (
@@ -96,7 +97,10 @@ class Kernel:
         await asyncio.to_thread(self._awaken)
         self._register_primitives()
         specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
-        self.cognition = Cognition(specs, db=self.image.db)
+        stored = functools.partial(
+            backend_for_stored_model, self.image.db, threads=self.settings.model_threads
+        )
+        self.cognition = Cognition(specs, db=self.image.db, default=stored)
         await self.audit.start()
         self._background = [asyncio.create_task(self._save_index_now_and_then(), name="index")]
         for number in range(self.settings.workers):
