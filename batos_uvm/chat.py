@@ -37,6 +37,7 @@ from .translator import (
     RuleTranslator,
     Translator,
     TranslatorUnavailable,
+    default_model_path,
     load_translator,
     parse_value,
 )
@@ -317,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=os.environ.get("LLAMA_MODEL_PATH"),
-        help="GGUF model for the brief translator (default: $LLAMA_MODEL_PATH)",
+        help="GGUF model for the brief translator (default: $LLAMA_MODEL_PATH, else the "
+        "installed code model, else the built-in rules)",
     )
     p.add_argument("--no-model", action="store_true", help="use the built-in rules translator")
     p.add_argument("--curve-dir", help="CURVE key directory (from `batos.py keys generate`)")
@@ -363,8 +365,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _make_translator(args: argparse.Namespace) -> Translator | None:
-    if args.no_model or not args.model:
+    if args.no_model:
         return RuleTranslator()
+    if not args.model:  # the installed default code model, else the rules
+        installed = default_model_path()
+        try:
+            return load_translator(installed) if installed else RuleTranslator()
+        except TranslatorUnavailable as exc:
+            print(f"warning: {exc}; using the built-in rules", file=sys.stderr)
+            return RuleTranslator()
     try:
         return load_translator(args.model)
     except TranslatorUnavailable as exc:

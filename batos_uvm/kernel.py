@@ -250,7 +250,12 @@ class Kernel:
                 return Reply.complete(self.status())
             if isinstance(request, SendRequest):
                 return await self.send(
-                    request.target, request.selector, request.args, request.kwargs, emit
+                    request.target,
+                    request.selector,
+                    request.args,
+                    request.kwargs,
+                    emit,
+                    intent=request.intent,
                 )
             if isinstance(request, CycleRequest):
                 brief = request.mission_brief
@@ -261,6 +266,7 @@ class Kernel:
                     brief.kwargs,
                     emit,
                     force_cycle=True,
+                    intent=brief.intent,
                 )
             if isinstance(request, InspectRequest):
                 return Reply.complete(
@@ -300,13 +306,19 @@ class Kernel:
         progress: Callable[[dict[str, Any]], Awaitable[None]],
         *,
         force_cycle: bool = False,
+        intent: str = "",
     ) -> Reply:
-        """Invoke ``selector``; when nobody understands it, grow it in a cycle and invoke it."""
+        """Invoke ``selector``; when nobody understands it, grow it in a cycle and invoke it.
+
+        ``intent`` is the user's description of what the message should do, for the cycle.
+        """
         try:
             check_selector(selector)
         except ValueError as exc:
             return Reply.failed("invalid_selector", str(exc))
         brief = {"type": "unhandled_message", "selector": selector, "args": args, "kwargs": kwargs}
+        if intent.strip():
+            brief["intent"] = intent.strip()
         outcome: CycleOutcome | None = None
         try:
             if force_cycle:

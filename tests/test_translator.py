@@ -10,11 +10,14 @@ import pytest
 from batos_uvm.translator import (
     NOT_UNDERSTOOD,
     OUTPUT_SCHEMA,
+    HybridTranslator,
     LlamaTranslator,
     RuleTranslator,
+    Translation,
     TranslatorUnavailable,
     parse_args,
     selector_from_words,
+    transliterate,
     validate_command,
 )
 
@@ -45,7 +48,57 @@ def send_of(text):
 )
 def test_create_forms_become_a_send_to_genesis(text, selector):
     fields = send_of(text)
-    assert fields == {"target": "genesis_obj", "selector": selector, "args": [], "kwargs": {}}
+    assert fields == {"target": "genesis_obj", "selector": selector, "args": [], "kwargs": {},
+                      "intent": " ".join(text.split())}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, target, selector, args",
+    [
+        ("I need a method that adds two numbers; call it with 3 and 4",
+         "genesis_obj", "adds_two_numbers", [3, 4]),
+        ("create a method that returns the factorial of a number and call it with 5",
+         "genesis_obj", "returns_the_factorial_of_a_number", [5]),
+        ("make genesis able to reverse a string, call it with 'hello'",
+         "genesis_obj", "reverse_a_string", ["hello"]),
+        ("teach genesis to greet a person (try it with \"Bruce Wayne\")",
+         "genesis_obj", "greet_a_person", ["Bruce Wayne"]),
+        ("create a method called add_note that stores a text; call it with 'buy milk'",
+         "genesis_obj", "add_note", ["buy milk"]),
+        ("could you write a function which can sort words, then call it with ['b', 'a']",
+         "genesis_obj", "sort_words", [["b", "a"]]),
+        ("create a method that counts the days between two dates and call it with "
+         "'2024-01-01' and '2024-03-01'",
+         "genesis_obj", "counts_the_days_between_two_dates", ["2024-01-01", "2024-03-01"]),
+        ("make catalog_obj able to count entries", "catalog_obj", "count_entries", []),
+    ],
+)  # fmt: skip
+def test_free_forms_carry_the_call_and_the_words(text, target, selector, args):
+    fields = send_of(text)
+    assert (fields["target"], fields["selector"], fields["args"]) == (target, selector, args)
+    assert fields["intent"] == text
+
+
+def test_make_needs_an_object_it_knows():
+    result = rules.translate("make coffee able to brew")
+    assert not result.ok and "names no object" in result.message
+
+
+@pytest.mark.parametrize(
+    "text, selector",
+    [
+        ("create a method to grüße die Welt", "gruesse_die_welt"),
+        ("create a method to sag Grüß Gott", "sag_gruess_gott"),
+        ("create a method to count the café's crêpes", "count_the_cafes_crepes"),
+        ("create a method for Ærø and Łódź", "aeroe_and_lodz"),
+    ],
+)
+def test_non_ascii_letters_are_transliterated_in_selectors(text, selector):
+    assert send_of(text)["selector"] == selector
+
+
+def test_transliterate():
+    assert transliterate("Grüße, Öl, Ärger, naïve, Straße") == "Gruesse, Oel, Aerger, naive, Strasse"
 
 
 def test_selector_is_capped_at_whole_words_and_must_be_an_identifier():
@@ -107,6 +160,11 @@ def test_parse_args():
     assert parse_args('1, "a", true') == [1, "a", True]
     assert parse_args("x, y") == ["x", "y"]
     assert parse_args("'two words' 3") == ["two words", 3]
+    assert parse_args("3 and 4") == [3, 4]
+    assert parse_args("'rock and roll' and 2") == ["rock and roll", 2]
+    assert parse_args("[3, 9, 2]") == [[3, 9, 2]]
+    assert parse_args("['ccc', 'a'], True, None") == [["ccc", "a"], True, None]
+    assert parse_args("{'a': 1} and 2.5") == [{"a": 1}, 2.5]
 
 
 def test_validate_command():
@@ -176,12 +234,34 @@ def test_llama_output_is_validated_and_invalid_output_rejected(model_file):
     t = LlamaTranslator(model_file, llama_factory=lambda **kw: ScriptedLlama(outputs, **kw))
     ok = t.translate("please greet Ann")
     assert ok.ok and ok.command.fields["selector"] == "greet_user" and ok.translator == "llama"
+    assert ok.command.fields["intent"] == "please greet Ann"  # the words travel too
     assert "not valid JSON" in t.translate("x").message
     assert "invalid command" in t.translate("x").message
     assert t.translate("x").message == NOT_UNDERSTOOD
     assert "invalid command" in t.translate("x").message
     assert ScriptedLlama.loads == 1  # loaded once, not once per line
     assert "please greet Ann" in t._llm.prompts[0]
+
+
+class Canned:
+    name = "llama"
+
+    def __init__(self, translation):
+        self.translation = translation
+
+    def translate(self, text):
+        return self.translation
+
+
+def test_the_hybrid_translator_falls_back_to_the_rules():
+    good = validate_command({"command": "cycles", "limit": 3})
+    assert HybridTranslator(Canned(Translation(good, "", "llama"))).translate("x").command == good
+    unclear = HybridTranslator(Canned(Translation(None, NOT_UNDERSTOOD, "llama")))
+    fallback = unclear.translate("create a method to greet")
+    assert fallback.ok and fallback.translator == "rules"
+    assert unclear.translate("tell me a joke").message == NOT_UNDERSTOOD
+    broken = HybridTranslator(Canned(Translation(None, "the model's answer is not valid JSON", "llama")))
+    assert broken.translate("tell me a joke").message == "the model's answer is not valid JSON"
 
 
 def test_missing_model_says_how_to_configure(tmp_path):
