@@ -66,6 +66,7 @@ class ExampleResult:
     ok: bool
     error: str | None
     has_expect: bool = True  # False: the call only had to return without raising
+    requested: bool = False  # True: the call the user asked for (not a model's example)
 
 
 @dataclass
