@@ -57,32 +57,44 @@ def installed_choice(setting: str) -> tuple[CatalogModel, Any] | None:
 
 
 def provide_default_model(root: Any, settings: Settings) -> list[str]:
-    """Store the default model for unconfigured personas that have none (caller commits)."""
+    """Store the chosen model for unconfigured personas (caller commits).
+
+    Personas get it when they have no model, or another catalogue model (the
+    setting changed); a model stored by hand (``models add``) stays.
+    """
     from .gguf_store import store_gguf
     from .weights import library_from_root
 
     library = library_from_root(root, create=True)
-    needy = [p for p in unconfigured_personas(settings) if p not in library.models]
-    if not needy:
-        return []
-    if settings.model.strip().lower() == "none":
+    unconfigured = unconfigured_personas(settings)
+    if not unconfigured or settings.model.strip().lower() == "none":
         return []
     found = installed_choice(settings.model)
     if found is None:
-        log.warning("no code model is installed for %s; %s", ", ".join(needy), FETCH_HINT)
+        missing = [p for p in unconfigured if p not in library.models]
+        if missing:
+            log.warning("no code model is installed for %s; %s", ", ".join(missing), FETCH_HINT)
         return []
     model, path = found
+    needy = [
+        p for p in unconfigured
+        if p not in library.models
+        or (library.models[p].config.get("catalog") and library.models[p].name != model.name)
+    ]  # fmt: skip
+    if not needy:
+        return []
     record, how = store_gguf(library, needy, path, name=model.name, source=str(path),
                              sha256=model.sha256, info=model_info(model),
-                             jar=root._p_jar)  # fmt: skip
+                             jar=root._p_jar, replace=True)  # fmt: skip
     log.info("%s think with %s (%s into the image from %s)",
              ", ".join(needy), model.title, how, path)  # fmt: skip
     return needy
 
 
 def model_info(model: CatalogModel) -> dict[str, Any]:
+    # "catalog": installed by models fetch, so a change of the setting ``model`` replaces it
     return {"title": model.title, "licence": model.licence, "upstream": model.upstream,
-            "architecture": "qwen2", "quantization": "Q4_K_M"}  # fmt: skip
+            "architecture": "qwen2", "quantization": "Q4_K_M", "catalog": True}  # fmt: skip
 
 
 def backend_for_stored_model(db: Any, persona: str, threads: int = 0) -> dict[str, Any] | None:

