@@ -22,8 +22,9 @@ from .prompts import (
     code_prefix,
     decomposition_prompt,
     show_call,
+    visible_slots,
 )
-from .replies import mark_changes, parse_queries
+from .replies import initialise_slots, mark_changes, parse_queries
 from .synthesis import (
     DEFAULT_OPTIONS,
     CycleOptions,
@@ -146,7 +147,12 @@ async def process_validating(state: UvmObject, ctx: CycleContext) -> str:
     selector = ctx.log.selector
     reason = candidate.get("parse_problem")
     if reason is None:
-        reason = _audit(candidate, selector, options_of(ctx).repair_covenant)
+        repair = options_of(ctx).repair_state
+        if repair:
+            existing = set(visible_slots(ctx.target()))
+            candidate["code"], started = initialise_slots(candidate["code"], existing)
+            candidate.setdefault("repairs", []).extend(started)
+        reason = _audit(candidate, selector, repair)
     if reason is None:
         reason = await _validate_by_trial(ctx, candidate)
     candidate["ok"] = reason is None

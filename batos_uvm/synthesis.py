@@ -23,7 +23,7 @@ log = logging.getLogger("batos.cycle")
 # Cosine similarity (all-MiniLM-L6-v2) of the query and a catalog chunk at which the
 # chunk is worth a small model's attention; measured on bench/briefs.py.
 MIN_SIMILARITY = 0.45
-RETRY_TEMPERATURE = 0.7
+RETRY_TEMPERATURE = 1.0  # small models are peaked: lower values mostly repeat the greedy code
 
 
 @dataclass(frozen=True)
@@ -39,7 +39,7 @@ class CycleOptions:
     force_prefix: bool = True  # the reply starts as ``def NAME(self`` and stops after it
     advisory_examples: bool = True  # the model's own examples cannot fail the method
     sampled_retries: bool = True  # retries sample (seeded) instead of decoding greedily
-    repair_covenant: bool = True  # add a forgotten ``self._p_changed = True`` instead of retrying
+    repair_state: bool = True  # initialise unset data of self; add a forgotten change mark
     plan_with_model: bool = True  # the planner persona adds catalog queries to the brief's words
     min_similarity: float = MIN_SIMILARITY  # catalog chunks below it are not shown
 

@@ -66,7 +66,7 @@ VARIANTS: dict[str, tuple[CycleOptions, bool]] = {  # name -> (options, send the
     "greedy-retries": (dataclasses.replace(DEFAULT_OPTIONS, sampled_retries=False), True),
     "persona-voice": (dataclasses.replace(DEFAULT_OPTIONS, code_system=False), True),
     "all-context": (dataclasses.replace(DEFAULT_OPTIONS, min_similarity=-1.0), True),
-    "no-repair": (dataclasses.replace(DEFAULT_OPTIONS, repair_covenant=False), True),
+    "no-repair": (dataclasses.replace(DEFAULT_OPTIONS, repair_state=False), True),
     "no-plan": (dataclasses.replace(DEFAULT_OPTIONS, plan_with_model=False), True),
     "no-covenant-rule": (dataclasses.replace(DEFAULT_OPTIONS, prompt=_without_covenant), True),
 }

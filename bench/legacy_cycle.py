@@ -82,6 +82,6 @@ LEGACY = CycleOptions(
     force_prefix=False,
     advisory_examples=False,
     sampled_retries=False,
-    repair_covenant=False,
+    repair_state=False,
     min_similarity=-1.0,
 )
