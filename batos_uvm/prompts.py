@@ -35,8 +35,8 @@ CODE_SYSTEM = (
 
 # The Persistence Guardian's covenant, stated once for the model (docs/GUARDIAN.md).
 PERSISTENCE_RULE = (
-    "Only if the method changes data kept in self (assigns self.NAME, or changes a list or "
-    "dict kept in self), write `self._p_changed = True` after the change."
+    "If the method changes data kept in self, write `self._p_changed = True` after the "
+    "change: it only tells the database to save self; never read it or use it as data."
 )
 
 # Where a forced ``def NAME(self`` reply ends: the closing fence, or any line that starts

@@ -40,7 +40,8 @@ def test_failed_cycle_reports_the_reason_and_exit_code(tmp_path):
     cassette.write_text(json.dumps(SLOW_CASSETTE[0]) + "\n" + json.dumps({
                                     "state": "SYNTHESIZING", "prompt_contains": "",
                                     "response": "```python\ndef broken(self):\n"
-                                                "    self.x = 1\n```"}) + "\n")
+                                                "    if True: return self.x.append(1)\n```"})
+                        + "\n")
     with KernelProcess(tmp_path, cassette=cassette) as kernel:
         done = kernel.call("genesis_obj", "broken")
         assert done.returncode == 1
