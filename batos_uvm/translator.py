@@ -473,18 +473,36 @@ class LlamaTranslator:
 
 
 class HybridTranslator:
-    """The model first, the rules when the model cannot translate (or says it is unclear)."""
+    """The model for what the rules do not know; the rules' reading where they do.
+
+    When the rules recognise a brief for a new method, they know its target and
+    its arguments for certain ("call it with 3 and 4"); the model then only
+    contributes a shorter name, if it agrees on the target. Anything the rules do
+    not understand is the model's to translate; when the model cannot either
+    (or says it is unclear), the rules' message stands.
+    """
 
     def __init__(self, model: Translator, rules: Translator | None = None) -> None:
         self.model, self.rules = model, rules or RuleTranslator()
         self.name = f"{model.name}+rules"
 
     def translate(self, text: str) -> Translation:
-        first = self.model.translate(text)
-        if first.ok:
-            return first
-        fallback = self.rules.translate(text)
-        return fallback if fallback.ok or first.message == NOT_UNDERSTOOD else first
+        ruled = self.rules.translate(text)
+        if ruled.ok and "intent" not in ruled.command.fields:
+            return ruled  # an explicit call or a question: nothing to guess
+        guessed = self.model.translate(text)
+        if not ruled.ok:
+            if guessed.ok or guessed.message == NOT_UNDERSTOOD:
+                return guessed if guessed.ok else ruled
+            return guessed
+        mine, theirs = ruled.command.fields, guessed.command.fields if guessed.ok else {}
+        same_target = guessed.ok and guessed.command.command == "send" and (
+            theirs.get("target") == mine["target"] and theirs.get("selector") != "search"
+        )
+        if not same_target:
+            return ruled
+        fields = {**mine, "selector": theirs["selector"]}
+        return Translation(Command("send", fields), "", guessed.translator)
 
 
 def default_model_path() -> str | None:

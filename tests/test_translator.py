@@ -264,6 +264,23 @@ def test_the_hybrid_translator_falls_back_to_the_rules():
     assert broken.translate("tell me a joke").message == "the model's answer is not valid JSON"
 
 
+def test_the_hybrid_translator_takes_the_models_name_and_the_rules_arguments():
+    text = "I need a method that adds two numbers; call it with 3 and 4"
+
+    def model_says(**fields):
+        command = validate_command({"command": "send", "kwargs": {}, **fields})
+        return HybridTranslator(Canned(Translation(command, "", "llama"))).translate(text)
+
+    short = model_says(target="genesis_obj", selector="add", args=[3])
+    assert short.command.fields == {"target": "genesis_obj", "selector": "add", "args": [3, 4],
+                                    "kwargs": {}, "intent": text}  # fmt: skip
+    assert short.translator == "llama"
+    for wrong in ({"target": "genesis_obj", "selector": "search", "args": [text]},
+                  {"target": "knowledge_catalog_obj", "selector": "add", "args": []}):  # fmt: skip
+        kept = model_says(**wrong)
+        assert kept.command.fields["selector"] == "adds_two_numbers" and kept.translator == "rules"
+
+
 def test_missing_model_says_how_to_configure(tmp_path):
     with pytest.raises(TranslatorUnavailable, match="LLAMA_MODEL_PATH"):
         LlamaTranslator(str(tmp_path / "none.gguf"))
