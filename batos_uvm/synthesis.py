@@ -23,7 +23,7 @@ log = logging.getLogger("batos.cycle")
 # Cosine similarity (all-MiniLM-L6-v2) of the query and a catalog chunk at which the
 # chunk is worth a small model's attention; measured on bench/briefs.py.
 MIN_SIMILARITY = 0.45
-RETRY_TEMPERATURE = 1.0  # small models are peaked: lower values mostly repeat the greedy code
+RETRY_TEMPERATURE = 0.8
 
 
 @dataclass(frozen=True)

@@ -231,7 +231,7 @@ def grow(self):
             assert harness.read(lambda root: root["genesis_obj"].size) == 1
             # the retry sampled (seeded) instead of repeating the greedy answer
             retries = [(c["temperature"], c["seed"]) for c in data["llm_calls"][1:]]
-            assert retries == [(None, None), (1.0, 2)]
+            assert retries == [(None, None), (0.8, 2)]
         finally:
             await harness.stop()
 

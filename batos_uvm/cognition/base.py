@@ -48,7 +48,9 @@ class InferenceRequest:
     backend that can force it generates after it, also applies ``prefix_stop``,
     and returns the prefix as the start of its text (``details["prefixed"]``);
     one that cannot ignores both. ``temperature`` and ``seed`` override the
-    backend's own for this request (None: the backend's). ``on_text`` receives
+    backend's own for this request (None: the backend's); a temperature given
+    here asks for variety, so backends sample without cutting the
+    distribution down to its likeliest token. ``on_text`` receives
     the reply in chunks as it is generated, from any thread, by backends that
     stream; it must not block.
     """

@@ -227,6 +227,10 @@ class LlamaCppBackend:
         stops = [*request.stop, *(request.prefix_stop if request.prefix else ()), *template_stop]
         temperature = self.temperature if request.temperature is None else request.temperature
         seed = self.seed if request.seed is None else request.seed
+        # A request's own temperature asks for variety (a retry): sample from the 40 likeliest
+        # tokens without llama.cpp's top-p/min-p cut, which leaves a confident small model
+        # one candidate per token, whatever the temperature.
+        spread = {"top_p": 1.0, "min_p": 0.0} if request.temperature else {}
         llm.reset()  # no KV reuse from an earlier call: same request, same answer
         start = time.perf_counter()
         pieces: list[str] = []
@@ -238,6 +242,7 @@ class LlamaCppBackend:
                 temperature=temperature,
                 stop=stops,
                 seed=seed,
+                **spread,
                 stopping_criteria=StoppingCriteriaList([capped]),
                 logits_processor=LogitsProcessorList([sampled]),
                 stream=True,
