@@ -469,7 +469,9 @@ def _kind_of_use(node: ast.Attribute, function: ast.FunctionDef) -> str | None:
             return "{}"
     if isinstance(parent, ast.AugAssign) and parent.target is node:
         value = parent.value
-        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        if isinstance(value, ast.JoinedStr) or (
+            isinstance(value, ast.Constant) and isinstance(value.value, str)
+        ):
             return "''"
         if isinstance(value, (ast.List, ast.ListComp)):
             return "[]"
