@@ -12,7 +12,6 @@ file is streamed into the blob while it is hashed. The caller commits.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import uuid
@@ -22,8 +21,15 @@ from typing import Any
 from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
-from .weight_views import CHUNK, FileRef, WeightError, hash_file
-from .weights import ModelRecord, Progress, WeightFile, WeightLibrary, persona_key
+from .weight_views import FileRef, WeightError, hash_file
+from .weights import (
+    ModelRecord,
+    Progress,
+    WeightFile,
+    WeightLibrary,
+    persona_key,
+    stream_into_blob,
+)
 
 log = logging.getLogger(__name__)
 
@@ -126,13 +132,8 @@ def _blob_from(
 
 
 def _copy_into(blob: Blob, path: Path, digest: str, size: int, progress: Progress | None) -> None:
-    hasher, done = hashlib.sha256(), 0
-    with open(path, "rb") as src, blob.open("w") as dst:
-        while chunk := src.read(CHUNK):
-            hasher.update(chunk)
-            dst.write(chunk)
-            done += len(chunk)
-            if progress:
-                progress(path.name, done, size)
-    if done != size or hasher.hexdigest() != digest:
+    copied, count = stream_into_blob(
+        blob, path, lambda done: progress(path.name, done, size) if progress else None
+    )
+    if count != size or copied != digest:
         raise WeightError(f"{path}: changed while being stored; nothing was stored")

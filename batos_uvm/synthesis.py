@@ -30,7 +30,8 @@ RETRY_TEMPERATURE = 0.8
 class CycleOptions:
     """How SYNTHESIZING asks and how VALIDATING judges; the defaults measured best.
 
-    ``bench/briefs.py`` swaps these to compare variants on the same briefs.
+    A kernel's ``cycle_options`` attribute, when set, replaces the defaults:
+    ``bench/briefs.py`` does, to compare variants on the same briefs.
     """
 
     prompt: Callable[..., str] = synthesis_prompt
