@@ -367,13 +367,8 @@ def main(argv: list[str] | None = None) -> int:
 def _make_translator(args: argparse.Namespace) -> Translator | None:
     if args.no_model:
         return RuleTranslator()
-    if not args.model:  # the installed default code model, else the rules
-        installed = default_model_path()
-        try:
-            return load_translator(installed) if installed else RuleTranslator()
-        except TranslatorUnavailable as exc:
-            print(f"warning: {exc}; using the built-in rules", file=sys.stderr)
-            return RuleTranslator()
+    if not args.model:  # the installed code model, loaded when a brief needs it; else the rules
+        return load_translator(default_model_path(), lazy=True)
     try:
         return load_translator(args.model)
     except TranslatorUnavailable as exc:

@@ -24,7 +24,9 @@ import json
 import os
 import re
 import shlex
+import sys
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -472,25 +474,49 @@ class LlamaTranslator:
             )
 
 
+SHORT_NAME_WORDS = 3  # a rules' selector this short is a good name already
+
+
 class HybridTranslator:
     """The model for what the rules do not know; the rules' reading where they do.
 
     When the rules recognise a brief for a new method, they know its target and
     its arguments for certain ("call it with 3 and 4"); the model then only
-    contributes a shorter name, if it agrees on the target. Anything the rules do
-    not understand is the model's to translate; when the model cannot either
-    (or says it is unclear), the rules' message stands.
+    contributes a shorter name (if the rules' has more than three words and the
+    model agrees on the target). Anything the rules do not understand is the
+    model's to translate; when the model cannot either (or says it is unclear),
+    the rules' message stands. ``model`` may be a function that makes the model
+    translator: it is then loaded on first need, and a model that cannot load
+    leaves the rules alone (``problem`` says why).
     """
 
-    def __init__(self, model: Translator, rules: Translator | None = None) -> None:
-        self.model, self.rules = model, rules or RuleTranslator()
-        self.name = f"{model.name}+rules"
+    def __init__(
+        self, model: Translator | Callable[[], Translator], rules: Translator | None = None
+    ) -> None:
+        self._model, self.rules = model, rules or RuleTranslator()
+        self.name = "llama+rules"
+        self.problem: str | None = None
+
+    @property
+    def model(self) -> Translator | None:
+        if callable(self._model) and not hasattr(self._model, "translate"):
+            try:
+                self._model = self._model()
+            except TranslatorUnavailable as exc:
+                self._model, self.problem = None, str(exc)
+                print(f"warning: {exc}; the built-in rules translate alone", file=sys.stderr)
+        return self._model
 
     def translate(self, text: str) -> Translation:
         ruled = self.rules.translate(text)
         if ruled.ok and "intent" not in ruled.command.fields:
             return ruled  # an explicit call or a question: nothing to guess
-        guessed = self.model.translate(text)
+        if ruled.ok and len(ruled.command.fields["selector"].split("_")) <= SHORT_NAME_WORDS:
+            return ruled
+        model = self.model
+        if model is None:
+            return ruled
+        guessed = model.translate(text)
         if not ruled.ok:
             if guessed.ok or guessed.message == NOT_UNDERSTOOD:
                 return guessed if guessed.ok else ruled
@@ -518,6 +544,14 @@ def default_model_path() -> str | None:
     return None
 
 
-def load_translator(model_path: str | None) -> Translator:
-    """The model translator (falling back to the rules) for a model path, else the rules."""
-    return HybridTranslator(LlamaTranslator(model_path)) if model_path else RuleTranslator()
+def load_translator(model_path: str | None, *, lazy: bool = False) -> Translator:
+    """The model translator (falling back to the rules) for a model path, else the rules.
+
+    ``lazy`` loads the model only when a brief needs it (the installed default model);
+    otherwise it is loaded now and an unusable file is an error at once.
+    """
+    if not model_path:
+        return RuleTranslator()
+    if lazy:
+        return HybridTranslator(lambda: LlamaTranslator(model_path))
+    return HybridTranslator(LlamaTranslator(model_path))

@@ -265,7 +265,7 @@ def test_the_hybrid_translator_falls_back_to_the_rules():
 
 
 def test_the_hybrid_translator_takes_the_models_name_and_the_rules_arguments():
-    text = "I need a method that adds two numbers; call it with 3 and 4"
+    text = "I need a method that adds up two whole numbers; call it with 3 and 4"
 
     def model_says(**fields):
         command = validate_command({"command": "send", "kwargs": {}, **fields})
@@ -278,7 +278,25 @@ def test_the_hybrid_translator_takes_the_models_name_and_the_rules_arguments():
     for wrong in ({"target": "genesis_obj", "selector": "search", "args": [text]},
                   {"target": "knowledge_catalog_obj", "selector": "add", "args": []}):  # fmt: skip
         kept = model_says(**wrong)
-        assert kept.command.fields["selector"] == "adds_two_numbers" and kept.translator == "rules"
+        assert kept.command.fields["selector"] == "adds_up_two_whole_numbers"
+        assert kept.translator == "rules"
+
+
+def test_a_short_rules_name_needs_no_model_and_a_model_loads_only_when_needed(capsys):
+    loads = []
+
+    def load():
+        loads.append(1)
+        raise TranslatorUnavailable("cannot load m.gguf: broken")
+
+    hybrid = HybridTranslator(load)
+    quick = hybrid.translate("create a method to greet a user; call it with 'Ann'")
+    assert quick.command.fields["selector"] == "greet_a_user" and not loads
+    slow = hybrid.translate("I need a method that adds up two whole numbers")
+    assert slow.ok and slow.translator == "rules" and loads == [1]
+    assert "cannot load m.gguf" in hybrid.problem and "rules translate alone" in capsys.readouterr().err
+    hybrid.translate("I need a method that adds up two whole numbers")
+    assert loads == [1]  # tried once
 
 
 def test_missing_model_says_how_to_configure(tmp_path):
