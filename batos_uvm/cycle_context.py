@@ -68,6 +68,7 @@ class CycleContext:
     attempt: int = 0
     feedback: str | None = None
     candidate: dict[str, Any] | None = None
+    details: dict[str, str] = field(default_factory=dict)  # state -> its last announcement
 
     @property
     def root(self) -> Any:
@@ -128,8 +129,16 @@ class CycleContext:
         self.log.replayed = self.log.replayed or completion.replayed
         return completion.text
 
-    def event(self, state: str, detail: str = "", **fields: Any) -> dict[str, Any]:
-        """A progress event of this cycle (see docs/PROTOCOL.md)."""
+    def event(self, state: str, detail: str | None = None, **fields: Any) -> dict[str, Any]:
+        """A progress event of this cycle (see docs/PROTOCOL.md).
+
+        Without a ``detail`` the state's last one is repeated: streamed text belongs to
+        the announcement it follows.
+        """
+        if detail is None:
+            detail = self.details.get(state, "")
+        else:
+            self.details[state] = detail
         elapsed = round(time.time() - self.log.started, 2)
         return {"cycle_id": self.log.cycle_id, "state": state, "detail": detail,
                 "elapsed_s": elapsed, **fields}  # fmt: skip

@@ -93,7 +93,7 @@ def announce(state: str, ctx: CycleContext) -> dict[str, Any]:
                          persona=SYNTHESIZER)  # fmt: skip
     if state == "VALIDATING":
         return ctx.event(state, f"checking {selector} (Guardian, then a trial run)")
-    return ctx.event(state)
+    return ctx.event(state, "")
 
 
 def options_of(ctx: CycleContext) -> CycleOptions:

@@ -126,6 +126,8 @@ def test_a_kernel_with_nothing_configured_thinks_with_the_installed_model(tmp_pa
     assert {e["persona"] for e in chunks} <= {"BABS", "BRICK"}
     synthesizing = next(e for e in events if e["state"] == "SYNTHESIZING" and not e.get("text"))
     assert synthesizing["persona"] == "BRICK" and "writing double" in synthesizing["detail"]
+    # streamed text repeats its state's announcement, so a client showing states sees one line
+    assert {e["detail"] for e in chunks if e["state"] == "SYNTHESIZING"} == {synthesizing["detail"]}
 
 
 def test_model_none_and_configured_personas_are_left_alone(tmp_path, cached):
