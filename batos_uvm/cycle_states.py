@@ -24,7 +24,7 @@ from .prompts import (
     show_call,
     visible_slots,
 )
-from .replies import initialise_slots, mark_changes, parse_queries
+from .replies import mark_changes, parse_queries, repair_state
 from .synthesis import (
     DEFAULT_OPTIONS,
     CycleOptions,
@@ -150,8 +150,8 @@ async def process_validating(state: UvmObject, ctx: CycleContext) -> str:
         repair = options_of(ctx).repair_state
         if repair:
             existing = set(visible_slots(ctx.target()))
-            candidate["code"], started = initialise_slots(candidate["code"], existing)
-            candidate.setdefault("repairs", []).extend(started)
+            candidate["code"], repaired = repair_state(candidate["code"], existing)
+            candidate.setdefault("repairs", []).extend(repaired)
         reason = _audit(candidate, selector, repair)
     if reason is None:
         reason = await _validate_by_trial(ctx, candidate)

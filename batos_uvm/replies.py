@@ -481,3 +481,61 @@ def _kind_of_use(node: ast.Attribute, function: ast.FunctionDef) -> str | None:
 
 def _parents(function: ast.FunctionDef) -> dict[int, ast.AST]:
     return {id(child): node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
+
+
+def drop_flag_misuse(code: str) -> tuple[str, list[str]]:
+    """Remove statements that treat ``self._p_changed`` as data.
+
+    Told to set the flag, small models also write ``self._p_changed = False``
+    or ``if not hasattr(self, '_p_changed'): ...``. Those statements go (the
+    Guardian refuses them); the flag itself is then added where it belongs.
+    """
+    tree = _parse(code)
+    if tree is None or not tree.body or not isinstance(tree.body[-1], ast.FunctionDef):
+        return code, []
+    doomed: list[tuple[int, int]] = []
+    for node in _own_nodes(tree.body[-1]):
+        if _misuses_flag(node):
+            doomed.append((node.lineno, node.end_lineno or node.lineno))
+    if not doomed:
+        return code, []
+    outermost = [r for r in doomed if not any(o != r and o[0] <= r[0] and r[1] <= o[1] for o in doomed)]
+    lines = code.splitlines()
+    for start, end in sorted(set(outermost), reverse=True):
+        del lines[start - 1 : end]
+    fixed = "\n".join(lines) + "\n"
+    if _parse(fixed) is None:
+        return code, []
+    return fixed, ["dropped statements that used self._p_changed as data"]
+
+
+def _misuses_flag(node: ast.AST) -> bool:
+    if isinstance(node, ast.Assign) and len(node.targets) == 1:
+        target = node.targets[0]
+        flag = _self_attr(target) == "_p_changed"
+        return flag and not (isinstance(node.value, ast.Constant) and node.value.value is True)
+    if isinstance(node, ast.If) and not node.orelse:
+        mentions = any(
+            (isinstance(n, ast.Constant) and n.value == "_p_changed")
+            or _self_attr(n) == "_p_changed"
+            for n in ast.walk(node.test)
+        )
+        return mentions and all(_misuses_flag(s) or _is_flag_true(s) for s in node.body)
+    return False
+
+
+def _is_flag_true(node: ast.AST) -> bool:
+    return (
+        isinstance(node, ast.Assign)
+        and len(node.targets) == 1
+        and _self_attr(node.targets[0]) == "_p_changed"
+        and isinstance(node.value, ast.Constant)
+        and node.value.value is True
+    )
+
+
+def repair_state(code: str, existing: set[str] | frozenset[str]) -> tuple[str, list[str]]:
+    """The state repairs made before the Guardian reads a method (see docs/CYCLE.md)."""
+    code, dropped = drop_flag_misuse(code)
+    code, started = initialise_slots(code, existing)
+    return code, dropped + started

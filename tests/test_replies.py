@@ -14,12 +14,14 @@ import pytest
 
 from batos_uvm.guardian import GuardianViolation, audit
 from batos_uvm.replies import (
+    drop_flag_misuse,
     initialise_slots,
     mark_changes,
     parse_queries,
     parse_synthesis,
     public_attributes,
     read_examples,
+    repair_state,
 )
 
 CASSETTE = Path(__file__).parent / "cassettes" / "small_models.jsonl"
@@ -40,7 +42,7 @@ def verdict(line: dict) -> str:
     parsed = parse_synthesis(line["response"], selector)
     if parsed.problem:
         return f"problem: {parsed.problem}"
-    code, _ = initialise_slots(parsed.code, set())
+    code, _ = repair_state(parsed.code, set())
     try:
         audit(code, selector)
         return "accepted"
@@ -226,3 +228,16 @@ def test_data_that_exists_or_is_looked_up_with_a_default_is_left_alone():
     assert initialise_slots(looked_up, set()) == (looked_up, [])
     reset = "def count(self):\n    self.calls = 0\n    self.calls += 1\n    return self.calls\n"
     assert initialise_slots(reset, set()) == (reset, [])
+
+
+def test_the_change_flag_used_as_data_is_dropped_then_set_where_it_belongs():
+    code = (
+        "def count_calls(self):\n    if not hasattr(self, '_p_changed'):\n"
+        "        self._p_changed = False\n    self.calls = getattr(self, 'calls', 0) + 1\n"
+        "    return self.calls\n"
+    )  # recorded from Qwen2.5-Coder-1.5B
+    fixed, repairs = drop_flag_misuse(code)
+    assert "_p_changed" not in fixed and repairs
+    audit(mark_changes(fixed), "count_calls")
+    still_data = "def f(self):\n    self._p_changed = False\n    return self._p_changed\n"
+    assert drop_flag_misuse(still_data)[0] == "def f(self):\n    return self._p_changed\n"
