@@ -31,16 +31,9 @@ from .client import (
     RequestOutcomeUnknown,
     RequestTimeout,
 )
+from .model_translator import TranslatorUnavailable, default_model_path, load_translator
 from .protocol import DEFAULT_ENDPOINT, ProgressEvent, Reply
-from .translator import (
-    Command,
-    RuleTranslator,
-    Translator,
-    TranslatorUnavailable,
-    default_model_path,
-    load_translator,
-    parse_value,
-)
+from .translator import Command, RuleTranslator, Translator, parse_value
 
 EXIT_OK, EXIT_FAILED, EXIT_UNREACHABLE, EXIT_UNKNOWN = 0, 1, 2, 3
 PROMPT = "batos> "

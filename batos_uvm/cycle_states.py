@@ -24,7 +24,8 @@ from .prompts import (
     show_call,
     visible_slots,
 )
-from .replies import mark_changes, parse_queries, repair_state
+from .replies import parse_queries
+from .state_repairs import mark_changes, repair_state
 from .synthesis import (
     DEFAULT_OPTIONS,
     CycleOptions,

@@ -107,22 +107,22 @@ def extract_method(text: str, selector: str) -> SynthesisReply:
         repairs.append(f"took the method out of class {owner.name}")
     elif len(tree.body) > 1 or function.decorator_list:
         repairs.append("kept only the function named after the selector")
-    body, added = _insert_first(body, _needed_helpers(tree, function, source, selector))
+    body, added = insert_first(body, _needed_helpers(tree, function, source, selector))
     body, fixed = _self_calls(body, selector)
     if fixed:
         repairs.append(f"called {selector} through self")
     body, renamed = public_attributes(body)
     repairs += renamed
-    method = _parse(body)
+    method = parse_code(body)
     if method is not None and isinstance(method.body[0], ast.FunctionDef):
-        body, imports = _insert_first(body, _needed_imports(tree, method.body[0], source))
+        body, imports = insert_first(body, _needed_imports(tree, method.body[0], source))
         added += imports
     if added:
         repairs.append("added " + "; ".join(a.splitlines()[0] for a in added))
     return SynthesisReply(body.rstrip() + "\n", repairs=repairs)
 
 
-def _parse(text: str) -> ast.Module | None:
+def parse_code(text: str) -> ast.Module | None:
     try:
         with PARSE_LOCK:
             return ast.parse(text)
@@ -132,7 +132,7 @@ def _parse(text: str) -> ast.Module | None:
 
 def _parse_leniently(text: str) -> tuple[ast.Module | None, str]:
     """Parse ``text``; if it fails, drop trailing lines (cut-off usage, prose) until it parses."""
-    tree = _parse(text)
+    tree = parse_code(text)
     if tree is not None:
         return tree, text
     lines = text.splitlines()
@@ -140,7 +140,7 @@ def _parse_leniently(text: str) -> tuple[ast.Module | None, str]:
         candidate = "\n".join(lines[:end])
         if not re.search(r"^\s*def ", candidate, re.M):
             break
-        tree = _parse(candidate)
+        tree = parse_code(candidate)
         if tree is not None:
             return tree, candidate
     return None, text
@@ -226,11 +226,11 @@ def _needed_imports(tree: ast.Module, function: ast.FunctionDef, source: str) ->
     return [w for w in dict.fromkeys(wanted) if w]
 
 
-def _insert_first(body: str, statements: list[str]) -> tuple[str, list[str]]:
+def insert_first(body: str, statements: list[str]) -> tuple[str, list[str]]:
     """Insert ``statements`` (imports, helper functions) at the start of the function body."""
     if not statements:
         return body, []
-    tree = _parse(body)
+    tree = parse_code(body)
     if tree is None or not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
         return body, []
     function = tree.body[0]
@@ -253,12 +253,12 @@ def _insert_first(body: str, statements: list[str]) -> tuple[str, list[str]]:
     block = [indent + line if line.strip() else "" for s in statements for line in s.splitlines()]
     lines[index:index] = block
     fixed = "\n".join(lines)
-    return (fixed, statements) if _parse(fixed) is not None else (body, [])
+    return (fixed, statements) if parse_code(fixed) is not None else (body, [])
 
 
 def _self_calls(body: str, selector: str) -> tuple[str, bool]:
     """``factorial(n - 1)`` inside method ``factorial`` becomes ``self.factorial(n - 1)``."""
-    tree = _parse(body)
+    tree = parse_code(body)
     if tree is None or not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
         return body, False
     function = tree.body[0]
@@ -278,7 +278,7 @@ def _self_calls(body: str, selector: str) -> tuple[str, bool]:
         prefix = line.encode("utf-8")[:col].decode("utf-8", "replace")
         lines[lineno - 1] = line[: len(prefix)] + "self." + line[len(prefix) :]
     fixed = "\n".join(lines)
-    return (fixed, True) if _parse(fixed) is not None else (body, False)
+    return (fixed, True) if parse_code(fixed) is not None else (body, False)
 
 
 def read_examples(text: str) -> tuple[list[dict[str, Any]] | None, str | None]:
@@ -333,209 +333,6 @@ def public_attributes(code: str) -> tuple[str, list[str]]:
     fixed = _PRIVATE_NAME_ARG.sub(
         lambda m: f"{m[1]}{m[2]}{m[3]}{m[2]}", _PRIVATE_SELF.sub(r"self.\1", code)
     )
-    if _parse(fixed) is None:
+    if parse_code(fixed) is None:
         return code, []
     return fixed, [f"renamed self._{name} to self.{name}" for name in renamed]
-
-
-def mark_changes(code: str) -> str | None:
-    """Add ``self._p_changed = True`` before each ``return`` and at the end of the method.
-
-    The repair for a method that changes self but forgets to say so (the
-    Persistence Covenant); returns None when the code cannot be repaired this
-    way. The caller audits the result again.
-    """
-    tree = _parse(code)
-    if tree is None or not tree.body or not isinstance(tree.body[-1], ast.FunctionDef):
-        return None
-    function = tree.body[-1]
-    lines = code.splitlines()
-    spots: list[tuple[int, int]] = []  # (line index to insert before, indentation)
-    for node in _own_nodes(function):
-        if isinstance(node, ast.Return):
-            text = lines[node.lineno - 1]
-            if text[: node.col_offset].strip():  # ``if x: return y`` on one line
-                return None
-            spots.append((node.lineno - 1, node.col_offset))
-    last = function.body[-1]
-    if not isinstance(last, (ast.Return, ast.Raise)):
-        indent = last.col_offset
-        spots.append((last.end_lineno, indent))
-    for index, indent in sorted(spots, reverse=True):
-        lines.insert(index, " " * indent + "self._p_changed = True")
-    fixed = "\n".join(lines) + "\n"
-    return fixed if _parse(fixed) is not None else None
-
-
-def _own_nodes(function: ast.FunctionDef) -> list[ast.AST]:
-    """The nodes of ``function`` outside nested functions, lambdas and classes."""
-    found: list[ast.AST] = []
-    stack: list[ast.AST] = list(function.body)
-    while stack:
-        node = stack.pop()
-        found.append(node)
-        for child in ast.iter_child_nodes(node):
-            if not isinstance(
-                child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)
-            ):
-                stack.append(child)
-    return found
-
-
-_LIST_METHODS = {"append", "extend", "insert", "pop", "remove", "sort", "reverse", "index"}
-_DICT_METHODS = {"get", "keys", "values", "items", "update", "setdefault"}
-_SET_METHODS = {"add", "discard"}
-
-
-def initialise_slots(code: str, existing: set[str] | frozenset[str]) -> tuple[str, list[str]]:
-    """Give data the method reads from self, but never initialises, a starting value.
-
-    On its first call an object has no ``notes`` yet, and small models write
-    ``self.notes.append(text)`` all the same. For each such attribute not in
-    ``existing`` whose kind shows in its use (``.append`` -> [], ``.get`` or
-    ``[key] =`` -> {}, ``+= 1`` -> 0), the method starts with
-    ``if not hasattr(self, "notes"): self.notes = []``.
-    """
-    tree = _parse(code)
-    if tree is None or not tree.body or not isinstance(tree.body[-1], ast.FunctionDef):
-        return code, []
-    function = tree.body[-1]
-    checked = _checked_names(function)
-    first_use: dict[str, int] = {}
-    kinds: dict[str, str] = {}
-    assigned_first: set[str] = set()
-    for node in function.body:  # an unconditional ``self.x = ...`` first: nothing to do
-        if isinstance(node, ast.Assign) and all(_self_attr(t) for t in node.targets):
-            assigned_first.update(_self_attr(t) for t in node.targets)
-        else:
-            break
-    for node in ast.walk(function):
-        name = _self_attr(node)
-        if name is None:
-            continue
-        first_use[name] = min(first_use.get(name, node.lineno), node.lineno)
-        kind = _kind_of_use(node, function)
-        if kind and name not in kinds:
-            kinds[name] = kind
-    fresh = sorted(
-        (name for name in kinds
-         if name not in existing and name not in checked and name not in assigned_first
-         and not name.startswith("_")),
-        key=lambda n: first_use[n],
-    )  # fmt: skip
-    if not fresh:
-        return code, []
-    statements = [f"if not hasattr(self, {name!r}):\n    self.{name} = {kinds[name]}" for name in fresh]
-    fixed, added = _insert_first(code, statements)
-    return fixed, [f"self.{name} starts as {kinds[name]}" for name in fresh] if added else []
-
-
-def _self_attr(node: ast.AST) -> str | None:
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
-        return node.attr
-    return None
-
-
-def _checked_names(function: ast.FunctionDef) -> set[str]:
-    """Attributes the method itself looks up with a default (getattr/hasattr/try)."""
-    names = set()
-    for node in ast.walk(function):
-        if (
-            isinstance(node, ast.Call)
-            and isinstance(node.func, ast.Name)
-            and node.func.id in ("getattr", "hasattr")
-            and len(node.args) >= 2
-            and isinstance(node.args[1], ast.Constant)
-        ):
-            names.add(str(node.args[1].value))
-        if isinstance(node, ast.Try):
-            names.update(n for t in node.body for s in ast.walk(t) if (n := _self_attr(s)))
-    return names
-
-
-def _kind_of_use(node: ast.Attribute, function: ast.FunctionDef) -> str | None:
-    """The starting value a use of ``self.x`` implies, or None when it shows none."""
-    parent = _parents(function).get(id(node))
-    if isinstance(parent, ast.Attribute) and parent.value is node:
-        method = parent.attr
-        if method in _LIST_METHODS:
-            return "[]"
-        if method in _DICT_METHODS:
-            return "{}"
-        if method in _SET_METHODS:
-            return "set()"
-    if isinstance(parent, ast.Subscript) and parent.value is node:
-        if isinstance(parent.ctx, ast.Store):
-            return "{}"
-    if isinstance(parent, ast.AugAssign) and parent.target is node:
-        value = parent.value
-        if isinstance(value, ast.JoinedStr) or (
-            isinstance(value, ast.Constant) and isinstance(value.value, str)
-        ):
-            return "''"
-        if isinstance(value, (ast.List, ast.ListComp)):
-            return "[]"
-        return "0"
-    return None
-
-
-def _parents(function: ast.FunctionDef) -> dict[int, ast.AST]:
-    return {id(child): node for node in ast.walk(function) for child in ast.iter_child_nodes(node)}
-
-
-def drop_flag_misuse(code: str) -> tuple[str, list[str]]:
-    """Remove statements that treat ``self._p_changed`` as data.
-
-    Told to set the flag, small models also write ``self._p_changed = False``
-    or ``if not hasattr(self, '_p_changed'): ...``. Those statements go (the
-    Guardian refuses them); the flag itself is then added where it belongs.
-    """
-    tree = _parse(code)
-    if tree is None or not tree.body or not isinstance(tree.body[-1], ast.FunctionDef):
-        return code, []
-    doomed: list[tuple[int, int]] = []
-    for node in _own_nodes(tree.body[-1]):
-        if _misuses_flag(node):
-            doomed.append((node.lineno, node.end_lineno or node.lineno))
-    if not doomed:
-        return code, []
-    outermost = [r for r in doomed if not any(o != r and o[0] <= r[0] and r[1] <= o[1] for o in doomed)]
-    lines = code.splitlines()
-    for start, end in sorted(set(outermost), reverse=True):
-        del lines[start - 1 : end]
-    fixed = "\n".join(lines) + "\n"
-    if _parse(fixed) is None:
-        return code, []
-    return fixed, ["dropped statements that used self._p_changed as data"]
-
-
-def _misuses_flag(node: ast.AST) -> bool:
-    if isinstance(node, ast.Assign) and len(node.targets) == 1:
-        target = node.targets[0]
-        flag = _self_attr(target) == "_p_changed"
-        return flag and not (isinstance(node.value, ast.Constant) and node.value.value is True)
-    if isinstance(node, ast.If) and not node.orelse:
-        mentions = any(
-            (isinstance(n, ast.Constant) and n.value == "_p_changed")
-            or _self_attr(n) == "_p_changed"
-            for n in ast.walk(node.test)
-        )
-        return mentions and all(_misuses_flag(s) or _is_flag_true(s) for s in node.body)
-    return False
-
-
-def _is_flag_true(node: ast.AST) -> bool:
-    return (
-        isinstance(node, ast.Assign)
-        and len(node.targets) == 1
-        and _self_attr(node.targets[0]) == "_p_changed"
-        and isinstance(node.value, ast.Constant)
-        and node.value.value is True
-    )
-
-
-def repair_state(code: str, existing: set[str] | frozenset[str]) -> tuple[str, list[str]]:
-    """The state repairs made before the Guardian reads a method (see docs/CYCLE.md)."""
-    code, dropped = drop_flag_misuse(code)
-    code, started = initialise_slots(code, existing)
-    return code, dropped + started

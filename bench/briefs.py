@@ -47,10 +47,11 @@ from batos_uvm.config import load_settings  # noqa: E402
 from batos_uvm.kernel import Kernel  # noqa: E402
 from batos_uvm.model_catalog import choose  # noqa: E402
 from batos_uvm.model_fetch import installed  # noqa: E402
+from batos_uvm.model_translator import HybridTranslator, LlamaTranslator  # noqa: E402
 from batos_uvm.objects import UvmObject  # noqa: E402
 from batos_uvm.prompts import PERSISTENCE_RULE, synthesis_prompt  # noqa: E402
 from batos_uvm.synthesis import DEFAULT_OPTIONS, CycleOptions  # noqa: E402
-from batos_uvm.translator import HybridTranslator, LlamaTranslator, RuleTranslator  # noqa: E402
+from batos_uvm.translator import RuleTranslator  # noqa: E402
 
 
 def _without_covenant(*args: Any, **kwargs: Any) -> str:

@@ -13,16 +13,8 @@ from pathlib import Path
 import pytest
 
 from batos_uvm.guardian import GuardianViolation, audit
-from batos_uvm.replies import (
-    drop_flag_misuse,
-    initialise_slots,
-    mark_changes,
-    parse_queries,
-    parse_synthesis,
-    public_attributes,
-    read_examples,
-    repair_state,
-)
+from batos_uvm.replies import parse_queries, parse_synthesis, public_attributes, read_examples
+from batos_uvm.state_repairs import drop_flag_misuse, initialise_slots, mark_changes, repair_state
 
 CASSETTE = Path(__file__).parent / "cassettes" / "small_models.jsonl"
 

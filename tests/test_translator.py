@@ -7,14 +7,16 @@ import os
 
 import pytest
 
-from batos_uvm.translator import (
-    NOT_UNDERSTOOD,
+from batos_uvm.model_translator import (
     OUTPUT_SCHEMA,
     HybridTranslator,
     LlamaTranslator,
+    TranslatorUnavailable,
+)
+from batos_uvm.translator import (
+    NOT_UNDERSTOOD,
     RuleTranslator,
     Translation,
-    TranslatorUnavailable,
     parse_args,
     selector_from_words,
     transliterate,
