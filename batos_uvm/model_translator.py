@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .protocol import is_identifier
 from .translator import (
     CATALOG,
     MAX_BRIEF_CHARS,
@@ -85,6 +86,15 @@ Request: %s
 JSON: """
 
 
+NAME_PROMPT = """Give the Python method a request asks for a short snake_case name (1 to 3 words).
+Request: create a method that returns the square root of a number
+Name: square_root
+Request: I need a method that counts the words in a text and call it with 'a b'
+Name: count_words
+Request: %s
+Name:"""
+
+
 class TranslatorUnavailable(RuntimeError):
     """The configured model cannot be used; the message says how to fix it."""
 
@@ -126,6 +136,18 @@ class LlamaTranslator:
         except Exception as exc:  # llama.cpp reports a bad file as a ValueError or RuntimeError
             raise TranslatorUnavailable(f"cannot load {model_path}: {exc}") from exc
         self._grammar = LlamaGrammar.from_json_schema(json.dumps(OUTPUT_SCHEMA), verbose=False)
+
+    def name_for(self, text: str) -> str | None:
+        """A short method name for a brief (a prompt a tenth of a translation's), or None."""
+        text = " ".join(text.split())[:MAX_BRIEF_CHARS]
+        try:
+            response = self._llm.create_completion(
+                NAME_PROMPT % text, max_tokens=16, temperature=0.0, stop=["\n"]
+            )
+        except Exception:  # e.g. the brief does not fit the model's context
+            return None
+        name = str(response["choices"][0]["text"]).strip().strip("_")
+        return name if is_identifier(name) and 0 < len(name.split("_")) <= 4 else None
 
     def translate(self, text: str) -> Translation:
         text = " ".join(text.split())[:MAX_BRIEF_CHARS]
@@ -206,6 +228,12 @@ class HybridTranslator:
         model = self.model
         if model is None:
             return ruled
+        if ruled.ok and hasattr(model, "name_for"):  # only a name is missing: a short question
+            name = model.name_for(text)
+            if not name:
+                return ruled
+            return Translation(Command("send", {**ruled.command.fields, "selector": name}), "",
+                               model.name)  # fmt: skip
         guessed = model.translate(text)
         if not ruled.ok:
             if guessed.ok or guessed.message == NOT_UNDERSTOOD:

@@ -341,3 +341,37 @@ def test_real_gguf_model_loaded_once_and_output_checked(tmp_path):
 def test_output_schema_lists_only_translatable_commands():
     consts = {alt["properties"]["command"]["const"] for alt in OUTPUT_SCHEMA["oneOf"]}
     assert consts == {"send", "inspect", "cycles", "unclear"}
+
+
+class Namer(Canned):
+    def __init__(self, name):
+        super().__init__(Translation(None, "never asked", "llama"))
+        self.name_given, self.asked = name, []
+
+    def name_for(self, text):
+        self.asked.append(text)
+        return self.name_given
+
+
+def test_a_model_that_can_name_is_only_asked_for_a_name():
+    text = "I need a method that adds up two whole numbers; call it with 3 and 4"
+    namer = Namer("add")
+    done = HybridTranslator(namer).translate(text)
+    assert done.command.fields["selector"] == "add" and done.command.fields["args"] == [3, 4]
+    assert namer.asked == [text]
+    silent = HybridTranslator(Namer(None)).translate(text)
+    assert silent.command.fields["selector"] == "adds_up_two_whole_numbers"
+
+
+def test_the_llama_translator_names_with_a_short_prompt(model_file):
+    pytest.importorskip("llama_cpp")
+
+    class Naming(ScriptedLlama):
+        def create_completion(self, prompt, **kwargs):
+            self.prompts.append(prompt)
+            return {"choices": [{"text": self.outputs.pop(0)}]}
+
+    t = LlamaTranslator(model_file, llama_factory=lambda **kw: Naming([" square_root", " 2bad"], **kw))
+    assert t.name_for("create a method that returns the square root of 16") == "square_root"
+    assert t.name_for("anything") is None  # not an identifier
+    assert len(t._llm.prompts[0]) < 400
