@@ -212,7 +212,7 @@ _CREATE = re.compile(
     re.IGNORECASE | re.DOTALL,
 )
 _NEED = re.compile(
-    r"^(?:please\s+)?(?:i\s+(?:need|want|would\s+like)|i'd\s+like|we\s+need)\s+"
+    r"^(?:please\s+)?(?:(?:i\s+(?:need|want|would\s+like)|i'd\s+like|we\s+need)\s+)?"
     r"(?:(?:a|an)\s+)?(?:new\s+)?(?:method|function)\b\s*(?P<rest>.*)$",
     re.IGNORECASE | re.DOTALL,
 )

@@ -73,6 +73,8 @@ def test_create_forms_become_a_send_to_genesis(text, selector):
          "'2024-01-01' and '2024-03-01'",
          "genesis_obj", "counts_the_days_between_two_dates", ["2024-01-01", "2024-03-01"]),
         ("make catalog_obj able to count entries", "catalog_obj", "count_entries", []),
+        ("a method that returns the n-th Fibonacci number, call it with 10",
+         "genesis_obj", "returns_the_n_th_fibonacci_number", [10]),
     ],
 )  # fmt: skip
 def test_free_forms_carry_the_call_and_the_words(text, target, selector, args):
