@@ -170,7 +170,14 @@ class Cognition:
         for persona, config in self._configs.items():
             key = self._defaults.get(persona) or repr(sorted(config.items()))
             backend = self._backends.get(key)
-            described[persona] = backend.describe() if backend else (config["backend"] or "none")
+            if backend is not None:
+                described[persona] = backend.describe()
+            elif config["backend"]:
+                described[persona] = config["backend"]
+            elif self._default is not None:
+                described[persona] = "its model in the image, if any (loaded on first use)"
+            else:
+                described[persona] = "none"
         return described
 
     async def close(self) -> None:
