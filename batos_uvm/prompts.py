@@ -126,7 +126,7 @@ def synthesis_prompt(
         parts.append("Its other methods (call as self.NAME(...)): " + ", ".join(methods))
     parts.append(
         "Rules: import inside the method, and only what it uses from the standard modules "
-        f"{', '.join(SHOWN_MODULES)} and the like. No open, exec, eval or names starting "
+        f"{', '.join(SHOWN_MODULES)}. No open, exec, eval or names starting "
         "with _. Data kept between calls lives in attributes of self; read them with "
         f"getattr(self, 'NAME', default). {PERSISTENCE_RULE}"
     )

@@ -113,6 +113,8 @@ def extract_method(text: str, selector: str) -> SynthesisReply:
         repairs.append(f"called {selector} through self")
     body, renamed = public_attributes(body)
     repairs += renamed
+    body, unused = drop_unused_imports(body)
+    repairs += unused
     method = parse_code(body)
     if method is not None and isinstance(method.body[0], ast.FunctionDef):
         body, imports = insert_first(body, _needed_imports(tree, method.body[0], source))
@@ -336,3 +338,33 @@ def public_attributes(code: str) -> tuple[str, list[str]]:
     if parse_code(fixed) is None:
         return code, []
     return fixed, [f"renamed self._{name} to self.{name}" for name in renamed]
+
+
+def drop_unused_imports(code: str) -> tuple[str, list[str]]:
+    """Remove imports at the top of the method that nothing in it uses.
+
+    Small models import every module the prompt names, and some it does not
+    (one added ``import sqlite3`` to a method that only read the clock); an
+    unused import can only get a correct method refused.
+    """
+    tree = parse_code(code)
+    if tree is None or not tree.body or not isinstance(tree.body[0], ast.FunctionDef):
+        return code, []
+    function = tree.body[0]
+    used = {n.id for n in ast.walk(function) if isinstance(n, ast.Name)}
+    lines = code.splitlines()
+    dropped: list[str] = []
+    for node in reversed(function.body):
+        if not isinstance(node, (ast.Import, ast.ImportFrom)) or node.lineno != node.end_lineno:
+            continue
+        names = [(a.asname or a.name).split(".")[0] for a in node.names]
+        if any(name in used for name in names):
+            continue
+        dropped += [a.name for a in node.names]
+        del lines[node.lineno - 1]
+    if not dropped:
+        return code, []
+    fixed = "\n".join(lines) + "\n"
+    if parse_code(fixed) is None:  # the method held nothing but imports
+        return code, []
+    return fixed, [f"dropped unused imports: {', '.join(sorted(dropped))}"]

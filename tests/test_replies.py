@@ -233,3 +233,15 @@ def test_the_change_flag_used_as_data_is_dropped_then_set_where_it_belongs():
     audit(mark_changes(fixed), "count_calls")
     still_data = "def f(self):\n    self._p_changed = False\n    return self._p_changed\n"
     assert drop_flag_misuse(still_data)[0] == "def f(self):\n    return self._p_changed\n"
+
+
+def test_imports_the_method_does_not_use_are_dropped():
+    reply = (  # recorded from Qwen2.5-Coder-0.5B, which copied the prompt's module list
+        "```python\ndef report_time(self):  # Importing necessary modules\n    import math\n"
+        "    import re\n    import datetime\n    import sqlite3\n\n"
+        "    current_time = datetime.datetime.now()\n    return current_time"
+    )
+    parsed = parse_synthesis(reply, "report_time")
+    assert "sqlite3" not in parsed.code and "    import datetime" in parsed.code
+    assert "dropped unused imports: math, re, sqlite3" in parsed.repairs
+    audit(parsed.code, "report_time")
