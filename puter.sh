@@ -5,11 +5,13 @@
 #   ./puter.sh status                                    is the kernel up?
 #   ./puter.sh stop                                      stop the watchdog and the kernel
 #   ./puter.sh test [PYTEST ARGS]                        set up, then run the whole test suite
-#   ./puter.sh setup                                     only create/refresh the virtualenv
+#   ./puter.sh setup                                     only install: the virtualenv and the code model
 #
 # Environment: PYTHON (interpreter for the virtualenv, default python3),
 # BATOS_VENV (default .venv), BATOS_ENDPOINT (default tcp://127.0.0.1:5555),
-# BATOS_EXTRAS (pip extras, default "llama,dev").
+# BATOS_EXTRAS (pip extras, default "llama,dev"), BATOS_MODEL (code model to install:
+# auto, qwen2.5-coder-1.5b, qwen2.5-coder-0.5b or none; default auto),
+# BATOS_MODEL_DIR (model cache, default ~/.cache/batos/models).
 #
 # Exit status: 0 done; 1 a problem it names (bad option or address, a kernel
 # that refused to start); 3 (status) no kernel answers.
@@ -47,6 +49,15 @@ ensure_venv() {
             "$py" -m pip install --progress-bar off -e ".[$extras]"
         echo "$want" > "$stamp"
     fi
+}
+
+ensure_model() {
+    # The code model the personas think with: downloaded once into the model cache,
+    # checked against its pinned sha256, stored (linked, not copied) in the image.
+    local model="${BATOS_MODEL:-auto}"
+    [ "$model" = "none" ] && return 0
+    "$py" batos.py models fetch "$model" \
+        || die "the code model could not be installed (see above); BATOS_MODEL=none skips it"
 }
 
 watchdog_pid() {
@@ -106,11 +117,11 @@ cmd_stop() {
 }
 
 cmd_start() {
-    local detach=0 demo=() kernel_args=()
+    local detach=0 demo=() kernel_args=() client_args=()
     while [ $# -gt 0 ]; do
         case "$1" in
             --detach) detach=1 ;;
-            --demo) demo=(--demo) ;;
+            --demo) demo=(--demo); client_args=(--no-model) ;;
             --) shift; kernel_args=("$@"); break ;;
             -h|--help) sed -n '2,/^### end of help/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; return 0 ;;
             *) die "unknown option $1 (see ./puter.sh --help)" ;;
@@ -119,6 +130,7 @@ cmd_start() {
     done
     ensure_venv
     check_endpoint
+    [ ${#demo[@]} -gt 0 ] || ensure_model
     mkdir -p "$logs"
     if watchdog_pid >/dev/null; then
         say "already running; opening the chat client"
@@ -142,7 +154,8 @@ cmd_start() {
         echo >&2
         ping_kernel 5 || die "the kernel did not answer within 3 minutes; see $logs/kernel.log"
     fi
-    "$py" chat_client.py --endpoint "$endpoint" || true
+    # The demo replays a recording made with the rule translator's selectors.
+    "$py" chat_client.py --endpoint "$endpoint" ${client_args[@]+"${client_args[@]}"} || true
     if [ "$detach" = 1 ]; then
         say "the kernel keeps running; ./puter.sh stop ends it"
         return 0
@@ -159,6 +172,7 @@ cmd_start() {
 
 cmd_test() {
     ensure_venv
+    ensure_model
     export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
     "$py" -m ruff check .
     "$py" -m pytest "$@"
@@ -168,6 +182,6 @@ case "${1:-}" in
     status) cmd_status ;;
     stop) cmd_stop ;;
     test) shift; cmd_test "$@" ;;
-    setup) ensure_venv; say "ready: $py" ;;
+    setup) ensure_venv; ensure_model; say "ready: $py" ;;
     *) cmd_start "$@" ;;
 esac

@@ -214,6 +214,8 @@ def awaken_models(db: Any, settings: Settings) -> None:
             with tm:
                 persist_configured_model(connection.root(), settings, persona)
         with tm:
+            provide_default_model(connection.root(), settings)
+        with tm:
             incarnate_lora_adapters(connection.root(), settings.lora_dir)
 
 
@@ -244,6 +246,17 @@ def ingest_golden_dataset(root: Any, path: str, embedder: Any) -> None:
             embedder,
         )
     log.info("ingested %d golden dataset entries from %s", len(entries), path)
+
+
+def provide_default_model(root: Any, settings: Settings) -> None:
+    """Personas with nothing configured get the installed code model (see default_brain)."""
+    from .default_brain import provide_default_model as provide
+    from .weights import WeightError
+
+    try:
+        provide(root, settings)
+    except (WeightError, OSError) as exc:  # no model is better than no kernel
+        log.warning("the default code model could not be stored: %s", exc)
 
 
 def persist_configured_model(root: Any, settings: Settings, persona: str) -> None:

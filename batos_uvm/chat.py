@@ -39,9 +39,10 @@ from .chat_requests import (
     stopped_waiting,
 )
 from .client import BridgeClient, BridgeClientError, CurveClientConfig
+from .model_translator import TranslatorUnavailable, default_model_path, load_translator
 from .protocol import DEFAULT_ENDPOINT, Reply, check_endpoint
 from .repl import Repl, history_path
-from .translator import Command, RuleTranslator, Translator, TranslatorUnavailable, load_translator
+from .translator import Command, RuleTranslator, Translator
 
 __all__ = ["build_parser", "main"]
 
@@ -105,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=os.environ.get("LLAMA_MODEL_PATH"),
-        help="GGUF model for the brief translator (default: $LLAMA_MODEL_PATH)",
+        help="GGUF model for the brief translator (default: $LLAMA_MODEL_PATH, else the "
+        "installed code model, else the built-in rules)",
     )
     p.add_argument("--no-model", action="store_true", help="use the built-in rules translator")
     p.add_argument("--curve-dir", help="CURVE key directory (from `batos.py keys generate`)")
@@ -170,8 +172,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _make_translator(args: argparse.Namespace) -> Translator | None:
-    if args.no_model or not args.model:
+    if args.no_model:
         return RuleTranslator()
+    if not args.model:  # the installed code model, loaded when a brief needs it; else the rules
+        return load_translator(default_model_path(), lazy=True)
     try:
         return load_translator(args.model)
     except TranslatorUnavailable as exc:

@@ -31,6 +31,8 @@ class Settings:
     endpoint: str = "tcp://127.0.0.1:5555"
     zeo: str = "unix"  # serve the image over ZEO: "unix" (a private socket), HOST:PORT, "off"
     backend: str = ""  # default cognition for every persona, e.g. "replay:demo.jsonl"
+    model: str = "auto"  # the installed code model personas without a backend use, or "none"
+    model_threads: int = 0  # CPU threads of the default model; 0: one per core, at most 2
     workers: int = 2
     max_attempts: int = 3
     trial_wall_seconds: float = 5.0  # seconds a trial call may run

@@ -17,35 +17,34 @@ everything and write only the record, in a transaction of its own.
 from __future__ import annotations
 
 import asyncio
-import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import transaction
 from persistent import Persistent
 from ZODB.POSException import ConflictError
 
-from . import primitives
 from .awakening import STATES
-from .cognition import CognitionError, CognitionUnavailable, InferenceRequest
-from .guardian import GuardianViolation, audit
-from .objects import UvmObject, check_selector, format_oid, parse_oid
-from .prompts import (
-    MAX_CODE_CHARS,
-    decomposition_prompt,
-    parse_queries,
-    parse_synthesis,
-    synthesis_prompt,
-)
-from .trial import jsonable, run_trial
+from .cognition import CognitionError, CognitionUnavailable
+from .cycle_context import CycleContext, CycleLog, Progress
+from .cycle_states import SYNTHESIZER, announce, register_state_primitives
+from .objects import check_selector, format_oid
+from .trial import run_trial
 
-Progress = Callable[[dict[str, Any]], Awaitable[None]]
+__all__ = [
+    "CycleContext",
+    "CycleLog",
+    "CycleOutcome",
+    "CycleRecord",
+    "Orchestrator",
+    "mark_interrupted",
+    "register_state_primitives",
+    "run_candidate_trial",
+]
 
-PLANNER = "BABS"  # deconstructs the brief into catalog queries
-SYNTHESIZER = "BRICK"  # writes the method (ToolForge operator)
 COMMIT_RETRIES = 5
 
 
@@ -77,192 +76,6 @@ class CycleRecord(Persistent):
 
     def __repr__(self) -> str:
         return f"<CycleRecord {self.cycle_id} {self.status} {self.data.get('selector')!r}>"
-
-
-@dataclass
-class CycleLog:
-    """What happened in a cycle, kept in memory until it is committed."""
-
-    cycle_id: str
-    brief: dict[str, Any]
-    target: str
-    selector: str
-    started: float = field(default_factory=time.time)
-    states: list[dict[str, Any]] = field(default_factory=list)
-    research_plan: list[str] = field(default_factory=list)
-    plan_fallback: bool = False
-    retrieved_context: list[dict[str, Any]] = field(default_factory=list)
-    attempts: list[dict[str, Any]] = field(default_factory=list)
-    llm_calls: list[dict[str, Any]] = field(default_factory=list)
-    outcome: str | None = None
-    reason: str | None = None
-    installed_version: int | None = None
-    duration_s: float | None = None
-    replayed: bool = False
-    owner: dict[str, Any] = field(default_factory=dict)  # the kernel running it
-
-    def to_data(self) -> dict[str, Any]:
-        return json.loads(json.dumps(jsonable(asdict(self))))
-
-    def durations(self) -> dict[str, float]:
-        totals: dict[str, float] = {}
-        for entry in self.states:
-            if entry.get("left") is not None:
-                spent = entry["left"] - entry["entered"]
-                totals[entry["state"]] = totals.get(entry["state"], 0.0) + spent
-        return totals
-
-
-@dataclass
-class CycleContext:
-    """Everything a state needs: the log, the connection, and the kernel's services."""
-
-    log: CycleLog
-    connection: Any
-    services: Any  # kernel services: cognition, embedder, audit, settings
-    progress: Progress
-    attempt: int = 0
-    feedback: str | None = None
-    candidate: dict[str, Any] | None = None
-
-    @property
-    def root(self) -> Any:
-        return self.connection.root()
-
-    def target(self) -> UvmObject:
-        return self.connection.get(parse_oid(self.log.target))
-
-    async def think(self, persona: str, state: str, prompt: str, max_tokens: int = 1024) -> str:
-        persona_obj = self.root[f"{persona.lower()}_prototype_obj"]
-        codex = persona_obj.codex
-        request = InferenceRequest(
-            persona=persona,
-            prompt=prompt,
-            system=codex.get("system_prompt"),
-            state=state,
-            max_tokens=max_tokens,
-        )
-        started = time.perf_counter()
-        completion = await self.services.cognition.infer(request)
-        self.log.llm_calls.append(
-            {
-                "persona": persona,
-                "state": state,
-                "backend": completion.backend,
-                "model": completion.model,
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "replayed": completion.replayed,
-                "seconds": round(time.perf_counter() - started, 4),
-            }
-        )
-        self.log.replayed = self.log.replayed or completion.replayed
-        return completion.text
-
-
-# --- the states ------------------------------------------------------------------
-
-
-async def process_idle(state: UvmObject, ctx: CycleContext) -> str:
-    return "DECOMPOSING"
-
-
-async def process_decomposing(state: UvmObject, ctx: CycleContext) -> str:
-    brief = ctx.log.brief
-    reply = await ctx.think(PLANNER, "DECOMPOSING", decomposition_prompt(brief), max_tokens=128)
-    queries = parse_queries(reply)
-    if queries is None:
-        queries = [brief["selector"].replace("_", " ")]
-        ctx.log.plan_fallback = True
-    ctx.log.research_plan = queries
-    return "DELEGATING"
-
-
-async def process_delegating(state: UvmObject, ctx: CycleContext) -> str:
-    store = ctx.root["knowledge_catalog_obj"].store
-    seen: set[int] = set()
-    for query in ctx.log.research_plan:
-        hits = await ctx.services.search(store, query, 3)
-        for hit in hits:
-            if hit.chunk_id not in seen:
-                seen.add(hit.chunk_id)
-                ctx.log.retrieved_context.append(
-                    {"doc_id": hit.doc_id, "text": hit.text, "score": round(hit.score, 4)}
-                )
-    return "SYNTHESIZING"
-
-
-async def process_synthesizing(state: UvmObject, ctx: CycleContext) -> str:
-    ctx.attempt += 1
-    previous = (ctx.candidate or {}).get("code") if ctx.feedback else None
-    prompt = synthesis_prompt(
-        ctx.log.brief, ctx.target(), ctx.log.retrieved_context, ctx.feedback, previous
-    )
-    reply = await ctx.think(SYNTHESIZER, "SYNTHESIZING", prompt, max_tokens=1024)
-    code, examples, problem = parse_synthesis(reply)
-    ctx.candidate = {
-        "attempt": ctx.attempt,
-        "persona": SYNTHESIZER,
-        "reply": reply[:MAX_CODE_CHARS],
-        "code": code,
-        "examples": examples,
-        "parse_problem": problem,
-    }
-    ctx.log.attempts.append(ctx.candidate)
-    return "VALIDATING"
-
-
-async def process_validating(state: UvmObject, ctx: CycleContext) -> str:
-    candidate = ctx.candidate or {}
-    selector = ctx.log.selector
-    reason = candidate.get("parse_problem")
-    if reason is None:
-        try:
-            audit(candidate["code"], selector)
-            candidate["guardian"] = "passed"
-        except GuardianViolation as violation:
-            candidate["guardian"] = {"rule": violation.rule, "line": violation.line}
-            reason = f"Persistence Guardian: {violation}"
-    if reason is None:
-        # The skill's embedding is computed while the trial runs, on the other
-        # core; installing the method then finds it ready.
-        embedding = asyncio.ensure_future(ctx.services.prepare_skill(ctx.log, candidate["code"]))
-        try:
-            trial = await ctx.services.trial(ctx, candidate)
-        finally:
-            await asyncio.gather(embedding, return_exceptions=True)
-        candidate["trial"] = trial.to_record()
-        if not trial.ok:
-            reason = f"trial run: {trial.reason}"
-    candidate["ok"] = reason is None
-    candidate["reason"] = reason
-    if reason is None:
-        return "COMPLETE"
-    ctx.feedback = reason
-    if ctx.attempt < ctx.services.settings.max_attempts:
-        return "SYNTHESIZING"
-    ctx.log.reason = f"no valid method after {ctx.attempt} attempt(s); last: {reason}"
-    return "FAILED"
-
-
-async def process_final(state: UvmObject, ctx: CycleContext) -> str:
-    return state.name
-
-
-STATE_PRIMITIVES = {
-    "IDLE": process_idle,
-    "DECOMPOSING": process_decomposing,
-    "DELEGATING": process_delegating,
-    "SYNTHESIZING": process_synthesizing,
-    "VALIDATING": process_validating,
-    "COMPLETE": process_final,
-    "FAILED": process_final,
-}
-
-
-def register_state_primitives() -> None:
-    for name, function in STATE_PRIMITIVES.items():
-        primitives.register(f"psm.{name}", function)
 
 
 # --- running a cycle ------------------------------------------------------------------
@@ -336,7 +149,7 @@ class Orchestrator:
                 entry = {"state": state_name, "entered": time.time(), "left": None}
                 log.states.append(entry)
                 audit_trail.record(log.cycle_id, log.brief, "STATE_TRANSITION", state_name)
-                await progress({"cycle_id": log.cycle_id, "state": state_name, "detail": ""})
+                await progress(announce(state_name, ctx))
                 if state_name in ("COMPLETE", "FAILED"):
                     entry["left"] = entry["entered"]
                     break
@@ -357,7 +170,7 @@ class Orchestrator:
             state_name, log.reason = "CANCELLED", CANCELLED_REASON  # before anything installs
         if state_name in ("FAILED", "CANCELLED") and log.states[-1]["state"] != state_name:
             log.states.append({"state": state_name, "entered": time.time(), "left": time.time()})
-            await progress({"cycle_id": log.cycle_id, "state": state_name, "detail": log.reason})
+            await progress(ctx.event(state_name, log.reason or ""))
         tm.abort()
         if state_name == "COMPLETE":
             try:
@@ -435,12 +248,14 @@ class Orchestrator:
     def _install(connection: Any, ctx: CycleContext) -> None:
         log, candidate = ctx.log, ctx.candidate or {}
         target = ctx.target()
+        intent = str(log.brief.get("intent") or "").strip()
         record = target.install_method(
             log.selector,
             candidate["code"],
             author=candidate.get("persona", SYNTHESIZER),
             cycle_id=log.cycle_id,
-            note=f"grown for mission brief {log.brief.get('type', 'unhandled_message')}",
+            note=f"brief: {intent}" if intent else
+            f"grown for mission brief {log.brief.get('type', 'unhandled_message')}",
         )
         log.installed_version = record.version
         ctx.services.index_skill(connection, log, candidate["code"])

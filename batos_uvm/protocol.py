@@ -24,6 +24,7 @@ MAX_MESSAGE_BYTES = 1024 * 1024
 MAX_ID_CHARS = 64
 MAX_REASON_CHARS = 2000
 MAX_REPR_CHARS = 64 * 1024
+MAX_INTENT_CHARS = 2000
 
 # Commands whose repetition has no side effect: a client may resend them freely.
 IDEMPOTENT_COMMANDS = frozenset({"ping", "inspect", "cycles", "heartbeat", "cancel"})
@@ -92,6 +93,8 @@ class _Model(BaseModel):
 RequestId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS)]
 Target = Annotated[str, Field(min_length=1, max_length=256), AfterValidator(_check_target)]
 Selector = Annotated[str, Field(min_length=1, max_length=128), AfterValidator(_check_selector)]
+# The user's own words for what a message should do; they reach the personas who write it.
+Intent = Annotated[str, Field(max_length=MAX_INTENT_CHARS)]
 
 
 class _RequestBase(_Model):
@@ -117,6 +120,7 @@ class SendRequest(_RequestBase):
     selector: Selector
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    intent: Intent = ""
 
 
 class MissionBrief(_Model):
@@ -124,6 +128,7 @@ class MissionBrief(_Model):
     selector: Selector
     args: list[Any] = Field(default_factory=list)
     kwargs: dict[str, Any] = Field(default_factory=dict)
+    intent: Intent = ""
 
 
 class CycleRequest(_RequestBase):

@@ -1,21 +1,27 @@
 """The mission brief translator: a sentence typed in the chat becomes one bridge command.
 
-Two translators share one interface (``translate(text) -> Translation``):
+Translators share one interface (``translate(text) -> Translation``):
 
 * ``RuleTranslator`` (no model needed) understands a few fixed forms
-  ("create a method to ...", "call X on Y with ...", "what is ...") and says
-  plainly when it does not understand, rather than inventing a selector.
-* ``LlamaTranslator`` asks a local GGUF model (llama-cpp-python, loaded once)
-  for JSON constrained by a grammar, then validates that JSON against the
-  protocol's request models; anything invalid is rejected with the reason.
+  ("create a method to ...", "I need a method that ...", "make genesis able
+  to ...", "... and call it with 3 and 4", "call X on Y with ...",
+  "what is ...") and says plainly when it does not understand, rather than
+  inventing a selector.
+* ``LlamaTranslator`` and ``HybridTranslator`` (batos_uvm/model_translator.py)
+  ask a local GGUF model for what the rules do not know.
+
+A brief that asks for new behaviour keeps the user's words: the ``send``
+command carries them as ``intent``, and the kernel hands them to the
+personas who write the method.
 """
 
 from __future__ import annotations
 
+import ast
 import json
-import os
 import re
 import shlex
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,24 +108,92 @@ def parse_value(token: str) -> Any:
 
 
 def parse_args(text: str) -> list[Any]:
-    """Arguments after "with": a JSON list, comma separated values, or shell-like words."""
+    """Arguments after "with": JSON or Python literals separated by commas or "and", or words.
+
+    ``3 and 4`` -> ``[3, 4]``; ``[3, 9, 2]`` -> ``[[3, 9, 2]]``; ``'a', "b"`` -> ``["a", "b"]``;
+    ``'two words' 3`` -> ``["two words", 3]``; unquoted words stay strings.
+    """
     text = text.strip().rstrip(".!")
     try:
-        value = json.loads(f"[{text}]")
-        return value
+        return list(json.loads(f"[{text}]"))
     except ValueError:
         pass
-    if "," in text:
-        return [parse_value(part.strip()) for part in text.split(",") if part.strip()]
+    values: list[Any] = []
+    for piece in _split_top_level(text):
+        literal = _literal(piece)
+        if literal is not _NO_LITERAL:
+            values.append(literal)
+            continue
+        try:
+            tokens = shlex.split(piece)
+        except ValueError:
+            tokens = piece.split()
+        values.extend(parse_value(tok) for tok in tokens)
+    return values
+
+
+_NO_LITERAL = object()
+
+
+def _literal(piece: str) -> Any:
+    """A JSON or Python literal (``'x'``, ``[1, 2]``, ``True``), else ``_NO_LITERAL``."""
     try:
-        return [parse_value(tok) for tok in shlex.split(text)]
+        return json.loads(piece)
     except ValueError:
-        return [parse_value(tok) for tok in text.split()]
+        pass
+    try:
+        return ast.literal_eval(piece)  # literals only: never runs code
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+        return _NO_LITERAL
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split at commas and at the word "and" outside quotes and brackets."""
+    pieces, current, depth, quote, i = [], [], 0, "", 0
+    while i < len(text):
+        char = text[i]
+        if quote:
+            if char == quote:
+                quote = ""
+        elif char in "'\"":
+            quote = char
+        elif char in "([{":
+            depth += 1
+        elif char in ")]}":
+            depth = max(depth - 1, 0)
+        elif depth == 0 and char == ",":
+            pieces.append("".join(current))
+            current, i = [], i + 1
+            continue
+        elif depth == 0 and re.match(r"\sand\s", text[i : i + 5], re.IGNORECASE):
+            pieces.append("".join(current))
+            current, i = [], i + 5
+            continue
+        current.append(char)
+        i += 1
+    pieces.append("".join(current))
+    return [piece.strip() for piece in pieces if piece.strip()]
+
+
+# Letters whose plain-ASCII spelling is not their base letter without the accent.
+_SPELLED = str.maketrans({
+    "ä": "ae", "ö": "oe", "ü": "ue", "Ä": "Ae", "Ö": "Oe", "Ü": "Ue", "ß": "ss", "ẞ": "SS",
+    "æ": "ae", "Æ": "Ae", "œ": "oe", "Œ": "Oe", "ø": "oe", "Ø": "Oe",
+    "ł": "l", "Ł": "L", "đ": "d", "Đ": "D", "ð": "d", "Ð": "D", "þ": "th", "Þ": "Th",
+    "ı": "i",
+})  # fmt: skip
+
+
+def transliterate(text: str) -> str:
+    """Plain ASCII letters for the words of a selector: ``grüße`` -> ``gruesse``, ``café`` -> ``cafe``."""
+    spelled = unicodedata.normalize("NFC", text).translate(_SPELLED)
+    decomposed = unicodedata.normalize("NFKD", spelled)
+    return "".join(c for c in decomposed if not unicodedata.combining(c))
 
 
 def selector_from_words(text: str) -> str | None:
-    """snake_case of the words: lowercased, punctuation stripped, capped at whole words."""
-    words = re.findall(r"[a-z0-9]+", text.lower().replace("'", ""))
+    """snake_case of the words: transliterated, lowercased, punctuation stripped, capped at whole words."""
+    words = re.findall(r"[a-z0-9]+", transliterate(text).lower().replace("'", ""))
     selector = ""
     for word in words:
         candidate = f"{selector}_{word}" if selector else word
@@ -131,19 +205,48 @@ def selector_from_words(text: str) -> str | None:
     return selector if selector and is_identifier(selector) else None
 
 
+_POLITE = r"^(?:please\s+)?(?:(?:can|could|would)\s+you\s+(?:please\s+)?)?"
 _CREATE = re.compile(
-    r"^(?:please\s+)?(?:(?:can|could|would)\s+you\s+)?"
-    r"(?:create|write|make|build|add|define|generate)\s+(?:me\s+)?(?:(?:a|an|the)\s+)?"
-    r"(?:new\s+)?(?:method|function)\b\s*(?P<rest>.*)$",
+    _POLITE + r"(?:create|write|make|build|add|define|generate|give\s+me)\s+(?:me\s+)?"
+    r"(?:(?:a|an|the)\s+)?(?:new\s+)?(?:method|function)\b\s*(?P<rest>.*)$",
     re.IGNORECASE | re.DOTALL,
 )
-_LEAD = re.compile(r"^(?:to|that|which|called|named)\s+(?P<rest>.*)$", re.IGNORECASE | re.DOTALL)
+_NEED = re.compile(
+    r"^(?:please\s+)?(?:(?:i\s+(?:need|want|would\s+like)|i'd\s+like|we\s+need)\s+)?"
+    r"(?:(?:a|an)\s+)?(?:new\s+)?(?:method|function)\b\s*(?P<rest>.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
+_ABLE = re.compile(
+    _POLITE + r"(?:make|teach|let|help)\s+(?P<target>[A-Za-z_]\w*)\s+"
+    r"(?:be\s+able\s+to|able\s+to|learn\s+(?:how\s+)?to|how\s+to|to)\s+(?P<rest>.+)$",
+    re.IGNORECASE | re.DOTALL,
+)
+_LEAD = re.compile(
+    r"^(?:(?:that|which)\s+(?:can|will|should|would)|to|that|which|for|called|named)\s+"
+    r"(?P<rest>.*)$",
+    re.IGNORECASE | re.DOTALL,
+)
+_NAMED = re.compile(r"^(?:called|named)\s+(?P<name>[A-Za-z_]\w*)\b[\s,;:.]*(?P<rest>.*)$", re.I | re.S)
+_CALL_IT = re.compile(
+    r"(?:\s*[,;.(]\s*|\s+)(?:and\s+|then\s+)*(?:call|run|try|test)\s+it\s+(?:with|on)\s+"
+    r"(?P<args>.+?)\)?$",
+    re.IGNORECASE | re.DOTALL,
+)
 _CALL = re.compile(
     r"^(?:please\s+)?call\s+(?P<sel>\S+)\s+on\s+(?P<target>[^\s,.!?]+)[.!?]?"
     r"(?:\s+with\s+(?P<args>.+))?$",
     re.IGNORECASE | re.DOTALL,
 )
 _QUESTION = re.compile(r"^what\s+(?:is|are)\b", re.IGNORECASE)
+SAY_WHAT = "say what the method should do, e.g. 'create a method to greet a user'"
+
+
+def object_name(word: str) -> str | None:
+    """``genesis`` -> ``genesis_obj``; root names ending in ``_obj`` stay; anything else: None."""
+    word = word.strip().lower()
+    if word in ("genesis", "it", "yourself", "bat_os", "batos"):
+        return GENESIS
+    return word if word.endswith("_obj") and is_identifier(word) else None
 
 
 class RuleTranslator:
@@ -155,26 +258,13 @@ class RuleTranslator:
         text = " ".join(text.split())
         if not text:
             return Translation(None, NOT_UNDERSTOOD, self.name)
-        if m := _CREATE.match(text):
-            rest = m.group("rest").strip()
-            if lead := _LEAD.match(rest):
-                rest = lead.group("rest")
-            selector = selector_from_words(rest)
-            if selector is None:
-                return Translation(
-                    None,
-                    "say what the method should do, e.g. 'create a method to greet a user'",
-                    self.name,
-                )
-            return self._command(
-                {
-                    "command": "send",
-                    "target": GENESIS,
-                    "selector": selector,
-                    "args": [],
-                    "kwargs": {},
-                }
-            )
+        if m := _CREATE.match(text) or _NEED.match(text):
+            return self._new_method(GENESIS, m.group("rest"), text)
+        if m := _ABLE.match(text):
+            target = object_name(m.group("target"))
+            if target is None:
+                return Translation(None, f"{m.group('target')!r} names no object; try genesis", self.name)
+            return self._new_method(target, m.group("rest"), text)
         if m := _CALL.match(text):
             selector, target = m.group("sel"), m.group("target")
             if not is_identifier(selector):
@@ -205,144 +295,35 @@ class RuleTranslator:
             )
         return Translation(None, NOT_UNDERSTOOD, self.name)
 
+    def _new_method(self, target: str, rest: str, text: str) -> Translation:
+        """A send that grows a method: the selector from the words, args from "call it with"."""
+        rest = rest.strip()
+        args: list[Any] = []
+        if call := _CALL_IT.search(rest):
+            args = parse_args(call.group("args"))
+            rest = rest[: call.start()].strip()
+        selector = None
+        if named := _NAMED.match(rest):
+            selector = named.group("name") if is_identifier(named.group("name")) else None
+        if selector is None:
+            if lead := _LEAD.match(rest):
+                rest = lead.group("rest")
+            selector = selector_from_words(rest)
+        if selector is None:
+            return Translation(None, SAY_WHAT, self.name)
+        return self._command(
+            {
+                "command": "send",
+                "target": target,
+                "selector": selector,
+                "args": args,
+                "kwargs": {},
+                "intent": text[:MAX_BRIEF_CHARS],
+            }
+        )
+
     def _command(self, obj: dict[str, Any]) -> Translation:
         try:
             return Translation(validate_command(obj), "", self.name)
         except ValueError as exc:
             return Translation(None, f"cannot send that: {exc}", self.name)
-
-
-# -- the model-backed translator --------------------------------------------------------------
-
-_NAME = {"type": "string", "pattern": "^[a-z_][a-z0-9_]{0,63}$"}
-OUTPUT_SCHEMA: dict[str, Any] = {
-    "oneOf": [
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["command", "target", "selector", "args", "kwargs"],
-            "properties": {
-                "command": {"const": "send"},
-                "target": _NAME,
-                "selector": _NAME,
-                "args": {"type": "array"},
-                "kwargs": {"type": "object"},
-            },
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["command", "target"],
-            "properties": {"command": {"const": "inspect"}, "target": _NAME},
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["command", "limit"],
-            "properties": {"command": {"const": "cycles"}, "limit": {"type": "integer"}},
-        },
-        {
-            "type": "object",
-            "additionalProperties": False,
-            "required": ["command"],
-            "properties": {"command": {"const": "unclear"}},
-        },
-    ]
-}
-
-PROMPT = """Translate a request to the BAT OS kernel into exactly one JSON command.
-{"command": "send", "target": OBJECT, "selector": METHOD, "args": [...], "kwargs": {...}} sends a message to a live object; a METHOD the object lacks is written by the kernel.
-{"command": "inspect", "target": OBJECT} shows an object.
-{"command": "cycles", "limit": N} lists recent cognitive cycles.
-{"command": "unclear"} when the request is none of these.
-New methods go to genesis_obj. Questions go to knowledge_catalog_obj with selector "search".
-
-Request: create a method to report the current system time
-JSON: {"command": "send", "target": "genesis_obj", "selector": "report_the_current_system_time", "args": [], "kwargs": {}}
-Request: call add on genesis_obj with 2, 3
-JSON: {"command": "send", "target": "genesis_obj", "selector": "add", "args": [2, 3], "kwargs": {}}
-Request: what is the living image?
-JSON: {"command": "send", "target": "knowledge_catalog_obj", "selector": "search", "args": ["what is the living image?"], "kwargs": {}}
-Request: show the last 5 cycles
-JSON: {"command": "cycles", "limit": 5}
-Request: %s
-JSON: """
-
-
-class TranslatorUnavailable(RuntimeError):
-    """The configured model cannot be used; the message says how to fix it."""
-
-
-class LlamaTranslator:
-    """Translate with a local GGUF model, loaded once when the translator is created."""
-
-    name = "llama"
-
-    def __init__(
-        self,
-        model_path: str,
-        *,
-        n_ctx: int = 2048,
-        max_tokens: int = 256,
-        n_threads: int | None = None,
-        llama_factory: Any = None,
-    ) -> None:
-        if not os.path.isfile(model_path):
-            raise TranslatorUnavailable(
-                f"model file {model_path} does not exist (set LLAMA_MODEL_PATH or --model to a "
-                "GGUF file, or use --no-model for the built-in rules)"
-            )
-        try:
-            from llama_cpp import LlamaGrammar
-        except ImportError as exc:
-            raise TranslatorUnavailable(
-                "llama-cpp-python is not installed: pip install 'batos[llama]' "
-                "(or use --no-model for the built-in rules)"
-            ) from exc
-        if llama_factory is None:
-            from llama_cpp import Llama as llama_factory
-        self.model_path = model_path
-        self.max_tokens = max_tokens
-        try:
-            self._llm = llama_factory(
-                model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, seed=0, verbose=False
-            )
-        except Exception as exc:  # llama.cpp reports a bad file as a ValueError or RuntimeError
-            raise TranslatorUnavailable(f"cannot load {model_path}: {exc}") from exc
-        self._grammar = LlamaGrammar.from_json_schema(json.dumps(OUTPUT_SCHEMA), verbose=False)
-
-    def translate(self, text: str) -> Translation:
-        text = " ".join(text.split())[:MAX_BRIEF_CHARS]
-        if not text:
-            return Translation(None, NOT_UNDERSTOOD, self.name)
-        try:
-            response = self._llm.create_completion(
-                PROMPT % text, max_tokens=self.max_tokens, temperature=0.0, grammar=self._grammar
-            )
-            output = str(response["choices"][0]["text"]).strip()
-        except Exception as exc:  # e.g. the brief does not fit the model's context
-            return Translation(None, f"the model could not translate that: {exc}", self.name)
-        return self.check_output(output)
-
-    def check_output(self, output: str) -> Translation:
-        """Validate the model's JSON; a clear rejection when it is not a valid command."""
-        shown = output if len(output) <= 200 else output[:200] + "..."
-        try:
-            obj = json.loads(output)
-        except ValueError as exc:
-            return Translation(
-                None, f"the model's answer is not valid JSON ({exc}): {shown}", self.name
-            )
-        if isinstance(obj, dict) and obj.get("command") == "unclear":
-            return Translation(None, NOT_UNDERSTOOD, self.name)
-        try:
-            return Translation(validate_command(obj), "", self.name)
-        except ValueError as exc:
-            return Translation(
-                None, f"the model proposed an invalid command ({exc}): {shown}", self.name
-            )
-
-
-def load_translator(model_path: str | None) -> Translator:
-    """The llama translator for a model path, else the rules."""
-    return LlamaTranslator(model_path) if model_path else RuleTranslator()

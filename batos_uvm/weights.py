@@ -282,19 +282,29 @@ def _write_files(library: Any, plan: _Plan, progress: Progress | None) -> Persis
         blob = Blob()
         if jar is not None:  # the upload file then lives beside the blob dir: commit renames it
             jar.add(blob)
-        digest, count = hashlib.sha256(), 0
-        with open(path, "rb") as src, blob.open("w") as dst:
-            while chunk := src.read(CHUNK):
-                digest.update(chunk)
-                dst.write(chunk)
-                count += len(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(name, done, total)
+
+        def report(count: int, name: str = name, before: int = done) -> None:
+            if progress:
+                progress(name, before + count, total)
+
+        digest, count = stream_into_blob(blob, path, report)
+        done += count
         if count != size:
             raise WeightError(f"{path}: changed while being stored ({size} -> {count} bytes)")
-        files[name] = WeightFile(name, size, digest.hexdigest(), blob)
+        files[name] = WeightFile(name, size, digest, blob)
     return files
+
+
+def stream_into_blob(blob: Blob, path: Path, report: Callable[[int], None]) -> tuple[str, int]:
+    """Copy ``path`` into ``blob`` in chunks, hashing it; returns (sha256, bytes)."""
+    digest, count = hashlib.sha256(), 0
+    with open(path, "rb") as src, blob.open("w") as dst:
+        while chunk := src.read(CHUNK):
+            digest.update(chunk)
+            dst.write(chunk)
+            count += len(chunk)
+            report(count)
+    return digest.hexdigest(), count
 
 
 def _same_content(record: _Stored, plan: _Plan) -> bool:

@@ -55,7 +55,8 @@ def run_env(**extra: str) -> dict[str, str]:
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1",
                PYTHONDONTWRITEBYTECODE="1", BATOS_HISTORY=os.devnull,
                BATOS_SHELL_HISTORY=os.devnull)
-    for name in [n for n in env if n.startswith("BATOS_") and "HISTORY" not in n]:
+    for name in [n for n in env if n.startswith("BATOS_") and "HISTORY" not in n
+                 and n != "BATOS_MODEL_DIR"]:  # fmt: skip
         env.pop(name, None)  # the arguments below decide, not the caller's shell
     env.update(extra)
     return env

@@ -99,7 +99,9 @@ def test_brief_grows_a_method_and_returns_its_result(tmp_path):
                               "VALIDATING", "COMPLETE"]
             data = harness.record(reply.cycle_id)
             assert data["status"] == "COMPLETE"
-            assert data["research_plan"] == ["time"] and data["installed_version"] == 1
+            # the brief's own words are searched first, then the planner's queries
+            assert data["research_plan"] == ["report the current system time", "time"]
+            assert data["installed_version"] == 1
             assert [c["persona"] for c in data["llm_calls"]] == ["BABS", "BRICK"]
             assert all(c["replayed"] for c in data["llm_calls"])
             assert data["attempts"][0]["trial"]["ok"] is True
@@ -134,7 +136,7 @@ FAILURES = {
     "private": ("""```python
 def grow(self):
     return self._p_jar
-```""", "private-attribute"),
+```""", "no slot or method 'p_jar'"),  # read as a public name, which self does not have
     "raises": ("""```python
 def grow(self):
     return 1 / 0
@@ -164,13 +166,13 @@ def grow(self):
 def something_else(self):
     return 1
 ```""", "grow"),
-    "wrong result": ("""```python
+    "asked call raises": ("""```python
 def grow(self, n):
-    return n + 1
+    return n / 0
 ```
 ```json
 [{"args": [2], "expect": 4}]
-```""", "expected 4"),
+```""", "ZeroDivisionError"),
 }
 
 
@@ -182,7 +184,7 @@ def test_bad_methods_fail_with_their_reason_and_install_nothing(tmp_path, case):
     async def scenario():
         await harness.start()
         try:
-            reply = await harness.send("grow", 2) if case == "wrong result" else \
+            reply = await harness.send("grow", 2) if case == "asked call raises" else \
                 await harness.send("grow")
             assert reply.status == "FAILED"
             assert reason.lower() in reply.error.reason.lower(), reply.error.reason
@@ -203,7 +205,8 @@ def test_a_failed_attempt_is_retried_with_the_reason(tmp_path):
 def grow(self):
     import os
     self.size = 1
-    return self.size
+    self._p_changed = True
+    return self.size / 0
 ```"""
     good = """```python
 def grow(self):
@@ -212,7 +215,7 @@ def grow(self):
 ```"""
     harness = Harness(tmp_path, [
         PLAN,
-        synth("grow", good, contains="previous attempt failed validation: Persistence Guardian"),
+        synth("grow", good, contains="previous attempt failed: trial run: self.grow() raised ZeroDivisionError"),
         synth("grow", bad),
     ], max_attempts=3)
 
@@ -221,10 +224,65 @@ def grow(self):
         try:
             reply = await harness.send("grow")
             assert reply.status == "COMPLETE" and reply.result == 1
-            attempts = harness.record(reply.cycle_id)["attempts"]
+            data = harness.record(reply.cycle_id)
+            attempts = data["attempts"]
             assert [a["ok"] for a in attempts] == [False, True]
-            assert "import" in attempts[0]["reason"]
+            assert "ZeroDivisionError" in attempts[0]["reason"]  # the unused import is dropped
             assert harness.read(lambda root: root["genesis_obj"].size) == 1
+            # the retry sampled (seeded) instead of repeating the greedy answer
+            retries = [(c["temperature"], c["seed"]) for c in data["llm_calls"][1:]]
+            assert retries == [(None, None), (0.8, 2)]
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_a_method_that_changes_self_needs_no_change_mark(tmp_path):
+    forgetful = """```python
+def grow(self, n):
+    self.size = getattr(self, "size", 0) + n
+    if self.size > 10:
+        return "big"
+    return self.size
+```"""
+    harness = Harness(tmp_path, [PLAN, synth("grow", forgetful)])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("grow", 4)
+            assert reply.status == "COMPLETE" and reply.result == 4
+            attempt = harness.record(reply.cycle_id)["attempts"][0]
+            assert attempt["guardian"] == "passed"
+            assert "_p_changed" not in attempt["code"]  # installed as written
+            assert (await harness.send("grow", 7)).result == "big"  # the kernel kept size
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_wrong_model_examples_do_not_fail_a_method_whose_asked_call_works(tmp_path):
+    reply_text = """```python
+def double(self, n):
+    return n * 2
+```
+```json
+[{"args": [5], "expect": 120}, {"args": [2], "expect": True}]
+```"""
+    harness = Harness(tmp_path, [PLAN, synth("double", reply_text)])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("double", 21)
+            assert reply.status == "COMPLETE" and reply.result == 42
+            attempt = harness.record(reply.cycle_id)["attempts"][0]
+            assert attempt["ok"] is True
+            assert len(attempt["warnings"]) == 2 and "expected 120" in attempt["warnings"][0]
+            trial = attempt["trial"]["examples"]
+            assert [e["requested"] for e in trial] == [True, False, False]
         finally:
             await harness.stop()
 
@@ -256,7 +314,7 @@ def test_unmatched_prompt_fails_quoting_the_prompt(tmp_path):
             reply = await harness.send("grow")
             assert reply.status == "FAILED"
             assert "no answer for BRICK in SYNTHESIZING" in reply.error.reason
-            assert "Mission: write a Python method named 'grow'" in reply.error.reason
+            assert "Write the Python method 'grow'" in reply.error.reason
         finally:
             await harness.stop()
 
@@ -266,6 +324,7 @@ def test_unmatched_prompt_fails_quoting_the_prompt(tmp_path):
 def test_no_backend_fails_fast_saying_how_to_configure(tmp_path):
     harness = Harness(tmp_path, [])
     harness.settings.backend = ""
+    harness.settings.model = "none"  # not even an installed default model
 
     async def scenario():
         await harness.start()
@@ -273,7 +332,7 @@ def test_no_backend_fails_fast_saying_how_to_configure(tmp_path):
             reply = await harness.send("grow")
             assert reply.status == "FAILED"
             assert "--backend replay:" in reply.error.reason
-            assert "models add" in reply.error.reason
+            assert "models fetch" in reply.error.reason and "models add" in reply.error.reason
         finally:
             await harness.stop()
 
@@ -390,3 +449,30 @@ def test_only_cycles_of_dead_kernels_are_marked_interrupted(tmp_path):
     assert root["cycles"]["alive-here"].status == "ACTIVE"
     assert sorted(root["active_cycles"]) == ["alive-here", "elsewhere"]
     conn_db.close()
+
+
+def test_a_model_example_that_hangs_the_trial_is_dropped_and_the_asked_call_decides(tmp_path):
+    reply_text = """```python
+def countdown(self, n):
+    while n != 0:
+        n -= 1
+    return "done"
+```
+```json
+[{"args": [-1], "expect": "done"}]
+```"""
+    harness = Harness(tmp_path, [PLAN, synth("countdown", reply_text)])
+
+    async def scenario():
+        await harness.start()
+        try:
+            reply = await harness.send("countdown", 3)
+            assert reply.status == "COMPLETE" and reply.result == "done"
+            attempt = harness.record(reply.cycle_id)["attempts"][0]
+            assert attempt["trial"]["ok"] is False  # the model's example never ends
+            assert attempt["trial_without_model_examples"]["ok"] is True
+            assert "with the model's examples the trial failed" in attempt["warnings"][0]
+        finally:
+            await harness.stop()
+
+    run(scenario())

@@ -307,6 +307,58 @@ def test_from_config_and_chat_switch(tiny: dict[str, Any]) -> None:
     run(forced.close())
 
 
+def test_prefix_streaming_and_sampling(tiny: dict[str, Any]) -> None:
+    """A forced start, text as it is written, and per-request temperature and seed."""
+    backend = LlamaCppBackend(tiny["plain_gguf"], n_ctx=N_CTX)
+    chunks: list[str] = []
+
+    def ask(**fields: Any) -> InferenceRequest:
+        return InferenceRequest(persona="X", prompt=PROMPT, max_tokens=20, **fields)
+
+    async def body() -> tuple[Any, ...]:
+        try:
+            plain = await backend.infer(ask())
+            prefixed = await backend.infer(ask(prefix=" every", on_text=chunks.append))
+            again = await backend.infer(ask(prefix=" every"))
+            sampled = [await backend.infer(ask(temperature=1.5, seed=s)) for s in (1, 2, 1)]
+            cut = await backend.infer(ask(prefix=" every", prefix_stop=(prefixed.text[8:11],)))
+            ignored = await backend.infer(ask(prefix_stop=(plain.text[2:4],)))
+            return plain, prefixed, again, sampled, cut, ignored
+        finally:
+            await backend.close()
+
+    plain, prefixed, again, sampled, cut, ignored = run(body())
+    assert prefixed.text.startswith(" every") and prefixed.details["prefixed"] is True
+    assert prefixed.text == again.text  # greedy after the same prefix: the same text
+    assert "".join(chunks) == prefixed.text[len(" every") :]  # streamed, in order
+    assert len(chunks) > 1
+    assert sampled[0].text == sampled[2].text != plain.text  # a seed repeats itself
+    assert sampled[0].details["temperature"] == 1.5 and sampled[1].details["seed"] == 2
+    assert cut.text == prefixed.text[: prefixed.text.index(prefixed.text[8:11], 6)]
+    assert ignored.text == plain.text  # prefix_stop only applies after a prefix
+
+
+def test_sha256_is_checked_before_loading(tiny: dict[str, Any], tmp_path: Path) -> None:
+    import hashlib
+
+    good = hashlib.sha256(tiny["plain_gguf"].read_bytes()).hexdigest()
+    ok = LlamaCppBackend(tiny["plain_gguf"], n_ctx=N_CTX, sha256=good, name="tiny")
+    bad = LlamaCppBackend(tiny["plain_gguf"], n_ctx=N_CTX, sha256="0" * 64)
+
+    async def body() -> Any:
+        try:
+            done = await ok.infer(InferenceRequest(persona="X", prompt=PROMPT, max_tokens=2))
+            with pytest.raises(CognitionError, match="damaged.*nothing was loaded"):
+                await bad.infer(InferenceRequest(persona="X", prompt=PROMPT, max_tokens=2))
+            return done
+        finally:
+            await ok.close()
+            await bad.close()
+
+    assert run(body()).model == "tiny"
+    assert "llama-cpp: tiny (" in ok.describe()
+
+
 class TestLlamaCppConformance(BackendConformance):
     @pytest.fixture
     def backend_factory(self, tiny: dict[str, Any]):

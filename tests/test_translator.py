@@ -7,14 +7,19 @@ import os
 
 import pytest
 
+from batos_uvm.model_translator import (
+    OUTPUT_SCHEMA,
+    HybridTranslator,
+    LlamaTranslator,
+    TranslatorUnavailable,
+)
 from batos_uvm.translator import (
     NOT_UNDERSTOOD,
-    OUTPUT_SCHEMA,
-    LlamaTranslator,
     RuleTranslator,
-    TranslatorUnavailable,
+    Translation,
     parse_args,
     selector_from_words,
+    transliterate,
     validate_command,
 )
 
@@ -45,7 +50,59 @@ def send_of(text):
 )
 def test_create_forms_become_a_send_to_genesis(text, selector):
     fields = send_of(text)
-    assert fields == {"target": "genesis_obj", "selector": selector, "args": [], "kwargs": {}}
+    assert fields == {"target": "genesis_obj", "selector": selector, "args": [], "kwargs": {},
+                      "intent": " ".join(text.split())}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "text, target, selector, args",
+    [
+        ("I need a method that adds two numbers; call it with 3 and 4",
+         "genesis_obj", "adds_two_numbers", [3, 4]),
+        ("create a method that returns the factorial of a number and call it with 5",
+         "genesis_obj", "returns_the_factorial_of_a_number", [5]),
+        ("make genesis able to reverse a string, call it with 'hello'",
+         "genesis_obj", "reverse_a_string", ["hello"]),
+        ("teach genesis to greet a person (try it with \"Bruce Wayne\")",
+         "genesis_obj", "greet_a_person", ["Bruce Wayne"]),
+        ("create a method called add_note that stores a text; call it with 'buy milk'",
+         "genesis_obj", "add_note", ["buy milk"]),
+        ("could you write a function which can sort words, then call it with ['b', 'a']",
+         "genesis_obj", "sort_words", [["b", "a"]]),
+        ("create a method that counts the days between two dates and call it with "
+         "'2024-01-01' and '2024-03-01'",
+         "genesis_obj", "counts_the_days_between_two_dates", ["2024-01-01", "2024-03-01"]),
+        ("make catalog_obj able to count entries", "catalog_obj", "count_entries", []),
+        ("a method that returns the n-th Fibonacci number, call it with 10",
+         "genesis_obj", "returns_the_n_th_fibonacci_number", [10]),
+    ],
+)  # fmt: skip
+def test_free_forms_carry_the_call_and_the_words(text, target, selector, args):
+    fields = send_of(text)
+    assert (fields["target"], fields["selector"], fields["args"]) == (target, selector, args)
+    assert fields["intent"] == text
+
+
+def test_make_needs_an_object_it_knows():
+    result = rules.translate("make coffee able to brew")
+    assert not result.ok and "names no object" in result.message
+
+
+@pytest.mark.parametrize(
+    "text, selector",
+    [
+        ("create a method to grüße die Welt", "gruesse_die_welt"),
+        ("create a method to sag Grüß Gott", "sag_gruess_gott"),
+        ("create a method to count the café's crêpes", "count_the_cafes_crepes"),
+        ("create a method for Ærø and Łódź", "aeroe_and_lodz"),
+    ],
+)
+def test_non_ascii_letters_are_transliterated_in_selectors(text, selector):
+    assert send_of(text)["selector"] == selector
+
+
+def test_transliterate():
+    assert transliterate("Grüße, Öl, Ärger, naïve, Straße") == "Gruesse, Oel, Aerger, naive, Strasse"
 
 
 def test_selector_is_capped_at_whole_words_and_must_be_an_identifier():
@@ -107,6 +164,11 @@ def test_parse_args():
     assert parse_args('1, "a", true') == [1, "a", True]
     assert parse_args("x, y") == ["x", "y"]
     assert parse_args("'two words' 3") == ["two words", 3]
+    assert parse_args("3 and 4") == [3, 4]
+    assert parse_args("'rock and roll' and 2") == ["rock and roll", 2]
+    assert parse_args("[3, 9, 2]") == [[3, 9, 2]]
+    assert parse_args("['ccc', 'a'], True, None") == [["ccc", "a"], True, None]
+    assert parse_args("{'a': 1} and 2.5") == [{"a": 1}, 2.5]
 
 
 def test_validate_command():
@@ -176,12 +238,69 @@ def test_llama_output_is_validated_and_invalid_output_rejected(model_file):
     t = LlamaTranslator(model_file, llama_factory=lambda **kw: ScriptedLlama(outputs, **kw))
     ok = t.translate("please greet Ann")
     assert ok.ok and ok.command.fields["selector"] == "greet_user" and ok.translator == "llama"
+    assert ok.command.fields["intent"] == "please greet Ann"  # the words travel too
     assert "not valid JSON" in t.translate("x").message
     assert "invalid command" in t.translate("x").message
     assert t.translate("x").message == NOT_UNDERSTOOD
     assert "invalid command" in t.translate("x").message
     assert ScriptedLlama.loads == 1  # loaded once, not once per line
     assert "please greet Ann" in t._llm.prompts[0]
+
+
+class Canned:
+    name = "llama"
+
+    def __init__(self, translation):
+        self.translation = translation
+
+    def translate(self, text):
+        return self.translation
+
+
+def test_the_hybrid_translator_falls_back_to_the_rules():
+    good = validate_command({"command": "cycles", "limit": 3})
+    assert HybridTranslator(Canned(Translation(good, "", "llama"))).translate("x").command == good
+    unclear = HybridTranslator(Canned(Translation(None, NOT_UNDERSTOOD, "llama")))
+    fallback = unclear.translate("create a method to greet")
+    assert fallback.ok and fallback.translator == "rules"
+    assert unclear.translate("tell me a joke").message == NOT_UNDERSTOOD
+    broken = HybridTranslator(Canned(Translation(None, "the model's answer is not valid JSON", "llama")))
+    assert broken.translate("tell me a joke").message == "the model's answer is not valid JSON"
+
+
+def test_the_hybrid_translator_takes_the_models_name_and_the_rules_arguments():
+    text = "I need a method that adds up two whole numbers; call it with 3 and 4"
+
+    def model_says(**fields):
+        command = validate_command({"command": "send", "kwargs": {}, **fields})
+        return HybridTranslator(Canned(Translation(command, "", "llama"))).translate(text)
+
+    short = model_says(target="genesis_obj", selector="add", args=[3])
+    assert short.command.fields == {"target": "genesis_obj", "selector": "add", "args": [3, 4],
+                                    "kwargs": {}, "intent": text}  # fmt: skip
+    assert short.translator == "llama"
+    for wrong in ({"target": "genesis_obj", "selector": "search", "args": [text]},
+                  {"target": "knowledge_catalog_obj", "selector": "add", "args": []}):  # fmt: skip
+        kept = model_says(**wrong)
+        assert kept.command.fields["selector"] == "adds_up_two_whole_numbers"
+        assert kept.translator == "rules"
+
+
+def test_a_short_rules_name_needs_no_model_and_a_model_loads_only_when_needed(capsys):
+    loads = []
+
+    def load():
+        loads.append(1)
+        raise TranslatorUnavailable("cannot load m.gguf: broken")
+
+    hybrid = HybridTranslator(load)
+    quick = hybrid.translate("create a method to greet a user; call it with 'Ann'")
+    assert quick.command.fields["selector"] == "greet_a_user" and not loads
+    slow = hybrid.translate("I need a method that adds up two whole numbers")
+    assert slow.ok and slow.translator == "rules" and loads == [1]
+    assert "cannot load m.gguf" in hybrid.problem and "rules translate alone" in capsys.readouterr().err
+    hybrid.translate("I need a method that adds up two whole numbers")
+    assert loads == [1]  # tried once
 
 
 def test_missing_model_says_how_to_configure(tmp_path):
@@ -224,3 +343,37 @@ def test_real_gguf_model_loaded_once_and_output_checked(tmp_path):
 def test_output_schema_lists_only_translatable_commands():
     consts = {alt["properties"]["command"]["const"] for alt in OUTPUT_SCHEMA["oneOf"]}
     assert consts == {"send", "inspect", "cycles", "unclear"}
+
+
+class Namer(Canned):
+    def __init__(self, name):
+        super().__init__(Translation(None, "never asked", "llama"))
+        self.name_given, self.asked = name, []
+
+    def name_for(self, text):
+        self.asked.append(text)
+        return self.name_given
+
+
+def test_a_model_that_can_name_is_only_asked_for_a_name():
+    text = "I need a method that adds up two whole numbers; call it with 3 and 4"
+    namer = Namer("add")
+    done = HybridTranslator(namer).translate(text)
+    assert done.command.fields["selector"] == "add" and done.command.fields["args"] == [3, 4]
+    assert namer.asked == [text]
+    silent = HybridTranslator(Namer(None)).translate(text)
+    assert silent.command.fields["selector"] == "adds_up_two_whole_numbers"
+
+
+def test_the_llama_translator_names_with_a_short_prompt(model_file):
+    pytest.importorskip("llama_cpp")
+
+    class Naming(ScriptedLlama):
+        def create_completion(self, prompt, **kwargs):
+            self.prompts.append(prompt)
+            return {"choices": [{"text": self.outputs.pop(0)}]}
+
+    t = LlamaTranslator(model_file, llama_factory=lambda **kw: Naming([" square_root", " 2bad"], **kw))
+    assert t.name_for("create a method that returns the square root of 16") == "square_root"
+    assert t.name_for("anything") is None  # not an identifier
+    assert len(t._llm.prompts[0]) < 400

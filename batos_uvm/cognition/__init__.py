@@ -14,6 +14,7 @@ a cycle then fails fast with :class:`CognitionUnavailable` saying what to set.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from .base import (
@@ -35,8 +36,9 @@ __all__ = [
 ]
 
 HOW_TO_CONFIGURE = (
-    "no language model is configured for {persona}. Start the kernel with "
-    "--backend replay:CASSETTE (recorded answers), --backend llama-cpp:MODEL.gguf, "
+    "no language model is configured for {persona}. Install the default code model with "
+    "`python batos.py models fetch` (or ./puter.sh setup) and start the kernel again, or "
+    "start it with --backend replay:CASSETTE (recorded answers), --backend llama-cpp:MODEL.gguf, "
     "--backend openai:http://HOST:PORT/v1#MODEL, or store a model in the image with "
     "`python batos.py models add {persona} SOURCE` and use --backend transformers; "
     "per-persona settings go in batos.toml under [personas.{persona}] (see docs/MODELS.md)"
@@ -94,12 +96,29 @@ def build_backend(config: dict[str, Any], *, db: Any = None) -> CognitionBackend
     raise CognitionError(f"unknown cognition backend {kind!r}")
 
 
-class Cognition:
-    """Routes ``infer(persona, prompt)`` to the backend configured for that persona."""
+DefaultResolver = Callable[[str], "dict[str, Any] | None"]
 
-    def __init__(self, specs: dict[str, str | dict[str, Any]], *, db: Any = None) -> None:
+
+class Cognition:
+    """Routes ``infer(persona, prompt)`` to the backend configured for that persona.
+
+    A persona with no backend configured asks ``default(persona)`` (in a
+    thread) for the configuration of the model stored for it, on every
+    request, so a model stored while the kernel runs is used by the next call;
+    a backend no persona resolves to any more is closed.
+    """
+
+    def __init__(
+        self,
+        specs: dict[str, str | dict[str, Any]],
+        *,
+        db: Any = None,
+        default: DefaultResolver | None = None,
+    ) -> None:
         self._configs = {persona.upper(): parse_spec(spec) for persona, spec in specs.items()}
         self._db = db
+        self._default = default
+        self._defaults: dict[str, str] = {}  # persona -> key of its resolved default backend
         self._backends: dict[str, CognitionBackend] = {}
         self._lock = asyncio.Lock()
 
@@ -109,6 +128,8 @@ class Cognition:
     async def backend_for(self, persona: str) -> CognitionBackend:
         persona = persona.upper()
         config = self._configs.get(persona) or {"backend": ""}
+        if not config["backend"] and self._default is not None:
+            config = await asyncio.to_thread(self._default, persona) or {"backend": ""}
         if not config["backend"]:
             raise CognitionUnavailable(HOW_TO_CONFIGURE.format(persona=persona))
         key = repr(sorted(config.items()))
@@ -117,7 +138,21 @@ class Cognition:
             if backend is None:
                 backend = await asyncio.to_thread(build_backend, config, db=self._db)
                 self._backends[key] = backend
+            if not self.configured(persona):
+                await self._forget_default(persona, key)
         return backend
+
+    async def _forget_default(self, persona: str, key: str) -> None:
+        """Remember ``persona``'s default backend; close one nobody resolves to any more."""
+        old = self._defaults.get(persona)
+        self._defaults[persona] = key
+        if old is None or old == key or old in self._defaults.values():
+            return
+        if any(repr(sorted(c.items())) == old for c in self._configs.values()):
+            return
+        backend = self._backends.pop(old, None)
+        if backend is not None:
+            await backend.close()
 
     async def infer(self, request: InferenceRequest) -> Completion:
         backend = await self.backend_for(request.persona)
@@ -133,9 +168,16 @@ class Cognition:
     def describe(self) -> dict[str, str]:
         described = {}
         for persona, config in self._configs.items():
-            key = repr(sorted(config.items()))
+            key = self._defaults.get(persona) or repr(sorted(config.items()))
             backend = self._backends.get(key)
-            described[persona] = backend.describe() if backend else (config["backend"] or "none")
+            if backend is not None:
+                described[persona] = backend.describe()
+            elif config["backend"]:
+                described[persona] = config["backend"]
+            elif self._default is not None:
+                described[persona] = "its model in the image, if any (loaded on first use)"
+            else:
+                described[persona] = "none"
         return described
 
     async def close(self) -> None:

@@ -8,6 +8,7 @@ answers, always labelled as such), ``transformers``, ``llama_cpp`` and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -42,6 +43,16 @@ class InferenceRequest:
 
     ``state`` is the state-machine state making the call (``DECOMPOSING``,
     ``SYNTHESIZING`` ...); ``system`` the persona's system prompt from its codex.
+
+    ``prefix`` is how the reply must begin (e.g. ``def factorial(self``): a
+    backend that can force it generates after it, also applies ``prefix_stop``,
+    and returns the prefix as the start of its text (``details["prefixed"]``);
+    one that cannot ignores both. ``temperature`` and ``seed`` override the
+    backend's own for this request (None: the backend's); a temperature given
+    here asks for variety, so backends sample without cutting the
+    distribution down to its likeliest token. ``on_text`` receives
+    the reply in chunks as it is generated, from any thread, by backends that
+    stream; it must not block.
     """
 
     persona: str
@@ -50,6 +61,11 @@ class InferenceRequest:
     state: str | None = None
     max_tokens: int = 1024
     stop: tuple[str, ...] = ()
+    prefix: str = ""
+    prefix_stop: tuple[str, ...] = ()
+    temperature: float | None = None
+    seed: int | None = None
+    on_text: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @runtime_checkable

@@ -9,18 +9,22 @@ When the GGUF carries a chat template (``tokenizer.chat_template``) the persona'
 system prompt and the request become chat messages rendered by that template;
 otherwise the text is completed as is (system prompt, blank line, prompt).
 Each call starts from a fresh context, so the same request gives the same answer
-whatever came before; temperature 0 (the default) decodes greedily.
+whatever came before; temperature 0 (the default) decodes greedily. A request's
+``prefix`` is written as the start of the model's turn and generation continues
+from it; ``on_text`` receives the reply as it is generated.
 
 Configuration (``LlamaCppBackend.from_config``):
 
-``model_path``   required, path of the ``.gguf`` file (e.g. materialised from a blob)
+``model_path``   required, path of the ``.gguf`` file (e.g. a committed blob of the image)
 ``n_ctx``        context window in tokens (2048)
 ``n_threads``    CPU threads (``min(2, os.cpu_count())``)
 ``temperature``  sampling temperature (0.0: greedy, deterministic)
 ``seed``         sampling seed when temperature > 0 (0)
 ``chat``         ``true``/``false`` to force or forbid the chat template (auto)
+``sha256``       if given, the file must hash to it before it is loaded (once per process)
+``name``         the model's name in records and logs (default: the file name)
 
-Keys ``backend`` and ``name`` are ignored; any other unknown key is an error.
+Key ``backend`` is ignored; any other unknown key is an error.
 Templates that refuse a ``system`` role get the system prompt at the head of the
 user's turn instead.
 """
@@ -58,6 +62,8 @@ class LlamaCppBackend:
         temperature: float = 0.0,
         seed: int = 0,
         chat: bool | None = None,
+        sha256: str | None = None,
+        name: str | None = None,
     ) -> None:
         if importlib.util.find_spec("llama_cpp") is None:
             raise CognitionUnavailable(
@@ -72,6 +78,8 @@ class LlamaCppBackend:
         self.temperature = float(temperature)
         self.seed = int(seed)
         self.chat = chat
+        self.sha256 = sha256
+        self.model_name = name or self.model_path.name
         self._llm: Any = None
         self._formatter: Any = None
         self._lock = threading.Lock()
@@ -80,8 +88,8 @@ class LlamaCppBackend:
     @classmethod
     def from_config(cls, cfg: dict[str, Any]) -> LlamaCppBackend:
         """Build from a config mapping (keys in the module docstring)."""
-        known = {"model_path", "n_ctx", "n_threads", "temperature", "seed", "chat"}
-        unknown = set(cfg) - known - {"backend", "name"}
+        known = {"model_path", "n_ctx", "n_threads", "temperature", "seed", "chat", "sha256", "name"}
+        unknown = set(cfg) - known - {"backend"}
         if unknown:
             raise CognitionUnavailable(
                 f"llama-cpp backend: unknown config keys {sorted(unknown)}; known: {sorted(known)}"
@@ -98,7 +106,7 @@ class LlamaCppBackend:
         loaded = self._llm is not None
         state = "closed" if self._closed else "loaded" if loaded else "not loaded yet"
         return (
-            f"llama-cpp: {self.model_path.name} ({self.model_path}), n_ctx {self.n_ctx}, "
+            f"llama-cpp: {self.model_name} ({self.model_path}), n_ctx {self.n_ctx}, "
             f"{self.n_threads} CPU thread(s), {state}"
         )
 
@@ -137,6 +145,15 @@ class LlamaCppBackend:
                 f"llama-cpp backend: cannot import llama_cpp ({exc})"
             ) from None
         _check_gguf(self.model_path)  # it may have gone since construction
+        if self.sha256:
+            from ..weight_views import FileRef, WeightError, verify_files
+
+            ref = FileRef(self.model_path.name, str(self.model_path),
+                          self.model_path.stat().st_size, self.sha256)  # fmt: skip
+            try:
+                verify_files([ref], f"llama-cpp model {self.model_path.name}")
+            except WeightError as exc:
+                raise CognitionError(f"llama-cpp backend: {exc}; nothing was loaded") from None
         try:
             with _LOAD_LOCK:
                 llm = Llama(
@@ -171,6 +188,7 @@ class LlamaCppBackend:
         llm = self._llm
         if self._formatter is None:
             text = f"{request.system}\n\n{request.prompt}" if request.system else request.prompt
+            text += request.prefix
             return llm.tokenize(text.encode("utf-8"), add_bos=True, special=True), []
         messages = [{"role": "user", "content": request.prompt}]
         if request.system:
@@ -184,12 +202,13 @@ class LlamaCppBackend:
             merged = f"{request.system}\n\n{request.prompt}"
             rendered = self._formatter(messages=[{"role": "user", "content": merged}])
         # The template writes any BOS it wants itself, as in llama-cpp-python's chat path.
-        tokens = llm.tokenize(rendered.prompt.encode("utf-8"), add_bos=False, special=True)
+        text = rendered.prompt + request.prefix  # the prefix opens the model's turn
+        tokens = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         stop = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
         return tokens, [s for s in stop if s]
 
     def _generate(self, request: InferenceRequest) -> Completion:
-        from llama_cpp import StoppingCriteriaList
+        from llama_cpp import LogitsProcessorList, StoppingCriteriaList
 
         llm = self._llm
         try:
@@ -203,43 +222,69 @@ class LlamaCppBackend:
                 f"llama-cpp backend: prompt of {len(tokens)} tokens does not fit "
                 f"n_ctx={self.n_ctx} of {self.model_path.name}"
             )
-        max_tokens = max(1, int(request.max_tokens))
-        capped = _TokenCap(max_tokens)
+        max_tokens = max(1, min(int(request.max_tokens), self.n_ctx - len(tokens)))
+        capped, sampled = _TokenCap(max_tokens), _Counter()
+        stops = [*request.stop, *(request.prefix_stop if request.prefix else ()), *template_stop]
+        temperature = self.temperature if request.temperature is None else request.temperature
+        seed = self.seed if request.seed is None else request.seed
+        # A request's own temperature asks for variety (a retry): sample from the 40 likeliest
+        # tokens without llama.cpp's top-p/min-p cut, which leaves a confident small model
+        # one candidate per token, whatever the temperature.
+        spread = {"top_p": 1.0, "min_p": 0.0} if request.temperature else {}
         llm.reset()  # no KV reuse from an earlier call: same request, same answer
         start = time.perf_counter()
+        pieces: list[str] = []
+        finish = None
         try:
-            out = llm.create_completion(
+            for chunk in llm.create_completion(
                 tokens,
                 max_tokens=max_tokens,
-                temperature=self.temperature,
-                stop=list(request.stop) + template_stop,
-                seed=self.seed,
+                temperature=temperature,
+                stop=stops,
+                seed=seed,
+                **spread,
                 stopping_criteria=StoppingCriteriaList([capped]),
-            )
+                logits_processor=LogitsProcessorList([sampled]),
+                stream=True,
+            ):
+                choice = chunk["choices"][0]
+                if choice.get("text"):
+                    pieces.append(choice["text"])
+                    if request.on_text is not None:
+                        request.on_text(choice["text"])
+                finish = choice.get("finish_reason") or finish
         except Exception as exc:
             raise CognitionError(
                 f"llama-cpp backend: generation with {self.model_path} failed: {exc}"
             ) from None
         seconds = time.perf_counter() - start
-        choice = out["choices"][0]
-        text, finish = choice["text"], "length" if capped.fired else choice.get("finish_reason")
+        text = "".join(pieces)
+        finish = "length" if capped.fired else finish
+        # One sample per token; the end-of-generation token is sampled but not output, and
+        # the cap fires only after sampling one token past the limit.
+        if capped.fired:
+            completion_tokens = max_tokens
+        else:
+            eog = finish == "stop" and not any(s in text for s in stops)
+            completion_tokens = sampled.count - eog
         # llama-cpp-python matches stops on bytes and skips the check while a token ends
         # inside a UTF-8 character; cut the text as the caller sees it, too.
-        cuts = [text.find(s) for s in request.stop if s and s in text]
+        cuts = [text.find(s) for s in stops if s and s in text]
         if cuts:
             text, finish = text[: min(cuts)], "stop"
-        usage = out.get("usage") or {}
-        completion_tokens = int(usage.get("completion_tokens", 0))
         return Completion(
-            text=text,
+            text=request.prefix + text,
             backend=self.name,
-            model=self.model_path.name,
-            prompt_tokens=int(usage.get("prompt_tokens", len(tokens))),
+            model=self.model_name,
+            prompt_tokens=len(tokens),
             completion_tokens=completion_tokens,
             details={
                 "model_path": str(self.model_path),
                 "chat_template": self._formatter is not None,
                 "finish_reason": finish,
+                "prefixed": bool(request.prefix),
+                "temperature": temperature,
+                "seed": seed,
                 "seconds": round(seconds, 4),
                 "tokens_per_second": round(completion_tokens / seconds, 1) if seconds else None,
             },
@@ -273,6 +318,17 @@ class _TokenCap:
         if len(input_ids) - self.prompt_len >= self.limit:
             self.fired = True
         return self.fired
+
+
+class _Counter:
+    """A logits processor that only counts: it runs once per sampled token."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, input_ids: Any, scores: Any) -> Any:
+        self.count += 1
+        return scores
 
 
 def _token_text(llm: Any, token: int) -> str:

@@ -197,6 +197,11 @@ class ModelManager:
             record = library.models.get(key) if library is not None else None
             if library is None or record is None:
                 raise CognitionUnavailable(_no_model(key))
+            if record.config.get("format") == "gguf":
+                raise CognitionUnavailable(
+                    f"persona {key}'s model {record.name} is a GGUF file, which thinks through "
+                    "llama.cpp: leave the persona's backend unset (or set llama-cpp)"
+                )
             name = adapter if adapter is not None else library.active.get(key)
             aspec = None
             if name:
