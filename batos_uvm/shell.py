@@ -303,7 +303,7 @@ class ShellSession:
         cycle = f", cycle {record.cycle_id}" if record.cycle_id else ""
         return Listing(f"# {selector} v{record.version} of {len(history)}, {record.kind}, by "
                        f"{record.author}{cycle}, {when(record.created)}\n"
-                       + obj.method_source(selector, record.version))
+                       + obj.method_source(selector, record.version).rstrip("\n"))
 
     def history(self, obj: Any, selector: str) -> Listing:
         """Every version of a method, oldest first."""
