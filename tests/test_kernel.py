@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 
 import transaction
@@ -37,6 +39,30 @@ def test_runaway_methods_are_killed_and_the_kernel_keeps_serving(tmp_path):
                                 if c["opened"]]
             assert len(open_connections) == harness.settings.workers
             assert harness.kernel.cells.replaced >= 2
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_a_call_after_every_idle_cell_was_killed_is_answered(tmp_path):
+    # Cells killed while idle (the OOM killer, an operator) look alive until the
+    # event loop hears of it: the pool must ask the system, not hand them out.
+    harness = Harness(tmp_path, [])
+
+    async def scenario():
+        await harness.start()
+        try:
+            install(harness, "double", "def double(self, x):\n    return 2 * x\n")
+            assert (await harness.send("double", 1)).result == 2
+            for _ in range(10):
+                await asyncio.sleep(0.3)  # the pool refills
+                idle = list(harness.kernel.cells._idle)
+                assert len(idle) >= 2
+                for cell in idle:
+                    os.killpg(cell.pid, signal.SIGKILL)
+                reply = await harness.send("double", 21)
+                assert reply.status == "COMPLETE" and reply.result == 42, reply
         finally:
             await harness.stop()
 

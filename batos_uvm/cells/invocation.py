@@ -29,7 +29,7 @@ from .frame import Frame, Refused, check_slot_name
 from .pool import Cell, CellCrashed, CellFailure, CellPool, CellProtocolError, CellTimeout
 
 MAX_DEPTH = 8  # nested sends from generated code
-ATTEMPTS_ON_DEAD_CELLS = 3  # a call that reached only cells dead before it began
+ATTEMPTS_ON_DEAD_CELLS = 3  # tries beyond the idle cells, for a call that reached only dead ones
 MAX_OUTPUT = 32 * 1024  # printed text kept per invocation (a cell keeps 16 KiB per call)
 MAX_ITEMS = 500_000  # values (list items, dict entries ...) taken from cells per message
 PRIMITIVES_FOR_METHODS = frozenset({"clone", "describe", "catalog.search", "infer"})
@@ -178,7 +178,10 @@ class Invocation:
             raise Refused("RecursionError", f"sends between methods nest more than {MAX_DEPTH} deep")
         mark = len(self.undo)
         try:
-            for attempt in range(1, ATTEMPTS_ON_DEAD_CELLS + 1):
+            # Every idle cell may have been killed at once (the OOM killer): each
+            # costs at most one try, as a dead cell is discarded.
+            attempts = self.pool.idle + ATTEMPTS_ON_DEAD_CELLS
+            for attempt in range(1, attempts + 1):
                 frame = Frame(self, receiver)
                 cell = await self._acquire(receiver, nested=depth > 0)
                 heard = [False]
@@ -189,7 +192,7 @@ class Invocation:
                 except CellCrashed:
                     # A cell that died while idle (killed, OOM) never saw this call:
                     # nothing was applied or asked, so it runs again on another cell.
-                    if attempt == ATTEMPTS_ON_DEAD_CELLS or heard[0]:
+                    if attempt == attempts or heard[0]:
                         raise
             raise AssertionError("unreachable")
         except BaseException:

@@ -208,12 +208,23 @@ class Cell:
 
     @property
     def alive(self) -> bool:
-        """As far as the kernel can tell without waiting: not exited, socket open."""
-        return (
-            self.proc.returncode is None
-            and not self.reader.at_eof()
-            and not self.writer.transport.is_closing()
-        )
+        """As far as the kernel can tell without waiting: not exited, socket open.
+
+        Asks the operating system too (without reaping the child, which the event
+        loop's child watcher does): a cell killed while idle is noticed before a
+        call is sent to it, not after.
+        """
+        if (
+            self.proc.returncode is not None
+            or self.reader.at_eof()
+            or self.writer.transport.is_closing()
+        ):
+            return False
+        try:
+            exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # already reaped: the watcher sets returncode soon
+            return False
+        return exited is None
 
     def kill(self) -> None:
         if self.proc.returncode is None:
@@ -450,6 +461,11 @@ class CellPool:
         self._background(cell.close())
         self.warm()
         self._wake()
+
+    @property
+    def idle(self) -> int:
+        """Cells waiting for a call."""
+        return len(self._idle)
 
     def _total(self) -> int:
         return len(self._idle) + len(self._busy) + self._starting
