@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import socket
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -317,16 +319,45 @@ def test_a_cell_is_retired_after_max_calls() -> None:
     assert started >= 3 and len(pids) >= 3
 
 
-def test_cells_start_clean() -> None:
+def test_cells_start_clean(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where working directories go
     source = """
     def probe(self):
         import os
-        return [sorted(os.environ), os.listdir("/proc/self/fd"), os.getcwd()]
+        try:
+            cwd = os.getcwd()
+        except FileNotFoundError:
+            cwd = None
+        return [sorted(os.environ), os.listdir("/proc/self/fd"), cwd, os.listdir(".")]
     """
-    environ, fds, cwd = outcome(source, layers=(), unrestricted=True)
+    environ, fds, cwd, listing = outcome(source, layers=(), unrestricted=True)
     assert environ == [] or environ == ["LC_CTYPE"]  # Python may set LC_CTYPE itself
     assert len(fds) <= 5  # stdin, stdout, stderr, its socket, the listing itself
-    assert "batos-cell-" in cwd
+    # Its private working directory is gone once it is ready: empty, and nothing can
+    # be created there, even without the other layers.
+    assert cwd is None and listing == []
+    assert outcome("def probe(self):\n    open('x', 'w').write('y')\n",
+                   layers=(), unrestricted=True)[0] == "FileNotFoundError"
+    assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_killed_cells_leave_nothing_behind(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    async def scenario():
+        pool = CellPool(CellConfig(), size=2)
+        try:
+            await pool.ready()
+            for cell in list(pool._idle):
+                os.killpg(cell.pid, signal.SIGKILL)
+            await asyncio.sleep(0.5)
+            await pool.ready()  # replacements started
+        finally:
+            await pool.close()
+        assert pool.started >= 3
+
+    run(scenario())
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- self inside a cell -------------------------------------------------------------------

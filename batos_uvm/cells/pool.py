@@ -2,7 +2,7 @@
 
 A cell is started from a minimal entry point (``python -I -S``, never a fork
 of the kernel): no inherited descriptors but its end of a socket pair, an
-empty environment, an empty private working directory. The pool keeps
+empty environment, a private working directory removed once it is ready. The pool keeps
 ``size`` cells warm; a cell that crashed, was killed, broke the protocol or
 served ``max_calls`` calls is replaced in the background.
 """
@@ -128,7 +128,6 @@ class Cell:
         config: CellConfig,
     ) -> None:
         self.proc, self.reader, self.writer, self.config = proc, reader, writer, config
-        self.workdir: str | None = None  # its private, empty working directory
         self.pid = proc.pid
         self.layers: dict[str, str] = {}
         self.calls = 0
@@ -246,8 +245,6 @@ class Cell:
         except TimeoutError:
             log.warning("cell %d did not exit after SIGKILL", self.pid)
             self._stderr_task.cancel()
-        if self.workdir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 async def start_cell(config: CellConfig, python: str = sys.executable) -> Cell:
@@ -268,6 +265,7 @@ async def start_cell(config: CellConfig, python: str = sys.executable) -> Cell:
         )
     except BaseException:
         parent.close()
+        shutil.rmtree(workdir, ignore_errors=True)
         raise
     finally:
         child.close()
@@ -279,7 +277,6 @@ async def start_cell(config: CellConfig, python: str = sys.executable) -> Cell:
         await _reap(proc)
         shutil.rmtree(workdir, ignore_errors=True)
         raise
-    cell.workdir = workdir
     try:
         ready = await cell.receive(config.startup_timeout)
         if ready.get("op") != "ready":
@@ -287,6 +284,11 @@ async def start_cell(config: CellConfig, python: str = sys.executable) -> Cell:
     except BaseException:
         await asyncio.shield(cell.close())  # also when cancelled: never leave a process behind
         raise
+    finally:
+        # The cell keeps a working directory that no longer exists: empty, private,
+        # nothing can be created in it, and nothing is left behind however the
+        # cell or the kernel ends.
+        shutil.rmtree(workdir, ignore_errors=True)
     cell.layers = {str(k): str(v) for k, v in dict(ready.get("layers", {})).items()}
     return cell
 
