@@ -341,6 +341,19 @@ def test_cells_start_clean(tmp_path, monkeypatch) -> None:
     assert list(tmp_path.iterdir()) == []  # nothing left behind
 
 
+def test_dates_parse_in_cells() -> None:
+    # strptime imports a private helper module from C, through the method's __import__.
+    source = """
+    def probe(self, text):
+        import datetime, time
+        first = datetime.datetime.strptime(text, "%Y-%m-%d")
+        again = datetime.date.fromisoformat(text)
+        return [(datetime.datetime(2024, 3, 1) - first).days, time.strptime(text, "%Y-%m-%d")[7],
+                again.isoformat()]
+    """
+    assert outcome(source, "2024-01-01") == [60, 1, "2024-01-01"]
+
+
 def test_killed_cells_leave_nothing_behind(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
 
