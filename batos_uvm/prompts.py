@@ -12,6 +12,7 @@ are read is :mod:`batos_uvm.replies`. Measured on ``bench/briefs.py``.
 from __future__ import annotations
 
 import json
+import re
 import string
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,28 @@ CODE_STOPS: tuple[str, ...] = (
     "\n```",
     *(f"\n{c}" for c in string.ascii_letters + string.digits + "_#@(["),
 )
+
+
+# A line of advice for failures small models otherwise repeat attempt after attempt.
+_ADVICE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"has no slot or method '(\w+)'.*\bself\.\1\(", re.S),
+     "self.{0} does not exist: write {0} as a function inside the method and call it as "
+     "{0}(...)."),
+    (re.compile(r"has no slot or method '(\w+)'"),
+     "self.{0} is not set yet: read it with getattr(self, '{0}', default)."),
+    (re.compile(r"names starting with '_' are private|private-attribute"),
+     "Keep data in a plain attribute of self (for example self.items = {{}}), never in "
+     "self.__dict__ or a name starting with _."),
+)
+
+
+def advice_for(reason: str) -> str:
+    """What to change, for a failure of a kind small models repeat; '' for others."""
+    for pattern, advice in _ADVICE:
+        found = pattern.search(reason)
+        if found:
+            return advice.format(*found.groups())
+    return ""
 
 
 @dataclass(frozen=True)
@@ -97,10 +120,12 @@ def synthesis_prompt(
     previous_code: str | None = None,
     *,
     notes: list[str] | tuple[str, ...] = (),
+    advice: bool = True,
 ) -> str:
     """The request to the synthesizing persona; the reply starts with :func:`code_prefix`.
 
-    ``skills`` are earlier methods shown as examples, ``notes`` relevant catalog text.
+    ``skills`` are earlier methods shown as examples, ``notes`` relevant catalog text;
+    ``advice`` adds what to change to the feedback, for failures models tend to repeat.
     """
     selector = brief["selector"]
     args, kwargs = list(brief.get("args", [])), dict(brief.get("kwargs", {}))
@@ -136,9 +161,11 @@ def synthesis_prompt(
     for skill in list(skills)[:MAX_SKILLS]:
         parts.append(f"An earlier method, for reference:\n```python\n{skill.source.strip()}\n```")
     if feedback:
+        advice_line = advice_for(feedback) if advice else ""
         parts.append(
             f"Your previous attempt failed: {feedback[:MAX_FEEDBACK_CHARS]}\n"
-            f"```python\n{(previous_code or '').strip()[:3000]}\n```\nWrite a corrected method."
+            f"```python\n{(previous_code or '').strip()[:3000]}\n```\n"
+            + (f"{advice_line}\n" if advice_line else "") + "Write a corrected method."
         )
     parts.append(f"Reply with the method only, in a ```python block: def {selector}(self...")
     return "\n".join(parts)

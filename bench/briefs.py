@@ -58,6 +58,10 @@ def _without_covenant(*args: Any, **kwargs: Any) -> str:
     return synthesis_prompt(*args, **kwargs).replace(" " + PERSISTENCE_RULE, "")
 
 
+def _without_advice(*args: Any, **kwargs: Any) -> str:
+    return synthesis_prompt(*args, **kwargs, advice=False)
+
+
 VARIANTS: dict[str, tuple[CycleOptions, bool]] = {  # name -> (options, send the intent)
     "baseline": (LEGACY, False),
     "default": (DEFAULT_OPTIONS, True),
@@ -70,6 +74,7 @@ VARIANTS: dict[str, tuple[CycleOptions, bool]] = {  # name -> (options, send the
     "no-repair": (dataclasses.replace(DEFAULT_OPTIONS, repair_state=False), True),
     "no-plan": (dataclasses.replace(DEFAULT_OPTIONS, plan_with_model=False), True),
     "no-covenant-rule": (dataclasses.replace(DEFAULT_OPTIONS, prompt=_without_covenant), True),
+    "no-advice": (dataclasses.replace(DEFAULT_OPTIONS, prompt=_without_advice), True),
 }
 
 

@@ -22,6 +22,7 @@ from batos_uvm.prompts import (
     CODE_SYSTEM,
     PERSISTENCE_RULE,
     Skill,
+    advice_for,
     code_prefix,
     decomposition_prompt,
     show_call,
@@ -70,6 +71,23 @@ def test_skills_notes_and_feedback_when_there_are_some():
     assert "Notes from the knowledge catalog:\n- A factorial multiplies 1 to n." in prompt
     assert "Your previous attempt failed: trial run: self.factorial(5) raised ValueError" in prompt
     assert "raise ValueError\n```\nWrite a corrected method." in prompt
+
+
+def test_failures_small_models_repeat_come_with_advice():
+    missing_helper = ("trial run: self.nth_prime(5) raised AttributeError: UvmObject oid=0x10a "
+                      "'t' has no slot or method 'is_prime' (at: if self.is_prime(num):)")
+    assert advice_for(missing_helper) == ("self.is_prime does not exist: write is_prime as a "
+                                          "function inside the method and call it as is_prime(...).")
+    unset = "raised AttributeError: 't' has no slot or method 'count' (at: return self.count + 1)"
+    assert "getattr(self, 'count', default)" in advice_for(unset)
+    private = ("Persistence Guardian: private-attribute (line 2): attribute '__dict__': names "
+               "starting with '_' are private")
+    assert "self.items = {}" in advice_for(private)
+    assert advice_for("trial run: self.f(1) raised ZeroDivisionError") == ""
+    prompt = synthesis_prompt(BRIEF, UvmObject(label="x"), [], missing_helper,
+                              "def factorial(self, n):\n    return self.is_prime(n)")
+    assert "```\nself.is_prime does not exist" in prompt
+    assert prompt.index("does not exist") < prompt.index("Write a corrected method.")
 
 
 def test_code_stops_end_the_method_at_column_zero():
