@@ -228,6 +228,21 @@ def _needed_imports(tree: ast.Module, function: ast.FunctionDef, source: str) ->
     return [w for w in dict.fromkeys(wanted) if w]
 
 
+def _unfold(body: str, function: ast.FunctionDef) -> str | None:
+    """``def f(self): a = 1; return a`` as a def line and an indented body; None if it isn't one."""
+    if function.end_lineno != function.lineno:
+        return None
+    lines = body.splitlines()
+    line = lines[function.lineno - 1].encode()
+    header = line[: function.body[0].col_offset].decode(errors="replace").rstrip()
+    indent = " " * (function.col_offset + 4)
+    statements = [ast.get_source_segment(body, node) for node in function.body]
+    if not header.endswith(":") or not all(statements):
+        return None
+    lines[function.lineno - 1 : function.lineno] = [header, *(indent + s for s in statements)]
+    return "\n".join(lines)
+
+
 def insert_first(body: str, statements: list[str]) -> tuple[str, list[str]]:
     """Insert ``statements`` (imports, helper functions) at the start of the function body."""
     if not statements:
@@ -238,7 +253,8 @@ def insert_first(body: str, statements: list[str]) -> tuple[str, list[str]]:
     function = tree.body[0]
     first = function.body[0]
     if first.lineno == function.lineno:  # ``def f(self): return 1`` on one line
-        return body, []
+        unfolded = _unfold(body, function)
+        return insert_first(unfolded, statements) if unfolded else (body, [])
     is_doc = (
         isinstance(first, ast.Expr)
         and isinstance(first.value, ast.Constant)

@@ -121,6 +121,19 @@ def test_missing_standard_imports_are_added_inside_the_method(body, added):
     audit(parsed.code, "f")
 
 
+def test_a_one_line_method_gets_its_missing_import_too():
+    reply = "```python\ndef today(self): return datetime.datetime.now().strftime('%Y-%m-%d')\n```"
+    parsed = parse_synthesis(reply, "today")
+    assert parsed.code.splitlines()[:3] == [
+        "def today(self):", "    import datetime",
+        "    return datetime.datetime.now().strftime('%Y-%m-%d')"]  # fmt: skip
+    audit(parsed.code, "today")
+    several = parse_synthesis("```python\ndef f(self, x): y = math.sqrt(x); return y\n```", "f")
+    namespace: dict = {}
+    exec(several.code, namespace)  # noqa: S102 - our own test input
+    assert namespace["f"](None, 16) == 4.0
+
+
 def test_imports_the_reply_wrote_at_the_top_go_with_the_method():
     reply = "```python\nimport random as rnd\nimport os\n\ndef roll(self):\n    return rnd.randint(1, 6)\n```"
     parsed = parse_synthesis(reply, "roll")
