@@ -49,8 +49,12 @@ CODE_STOPS: tuple[str, ...] = (
 # A line of advice for failures small models otherwise repeat attempt after attempt.
 _ADVICE: tuple[tuple[re.Pattern[str], str], ...] = (
     (re.compile(r"has no slot or method '(\w+)'.*\bself\.\1\(", re.S),
-     "self.{0} does not exist: write {0} as a function inside the method and call it as "
-     "{0}(...)."),
+     "self.{0} does not exist: write def {0}(...) inside the method, before the line that "
+     "calls it, and call it as {0}(...)."),
+    # A reply stops at its first line at column 0: a helper written after the method is lost.
+    (re.compile(r"NameError: name '(\w+)' is not defined.*\b\1\(", re.S),
+     "{0} is not defined: write def {0}(...) inside the method, indented, before the line "
+     "that calls it."),
     (re.compile(r"has no slot or method '(\w+)'"),
      "self.{0} is not set yet: read it with getattr(self, '{0}', default)."),
     (re.compile(r"names starting with '_' are private|private-attribute"),

@@ -76,8 +76,14 @@ def test_skills_notes_and_feedback_when_there_are_some():
 def test_failures_small_models_repeat_come_with_advice():
     missing_helper = ("trial run: self.nth_prime(5) raised AttributeError: UvmObject oid=0x10a "
                       "'t' has no slot or method 'is_prime' (at: if self.is_prime(num):)")
-    assert advice_for(missing_helper) == ("self.is_prime does not exist: write is_prime as a "
-                                          "function inside the method and call it as is_prime(...).")
+    assert advice_for(missing_helper) == (
+        "self.is_prime does not exist: write def is_prime(...) inside the method, before the "
+        "line that calls it, and call it as is_prime(...).")
+    undefined = ("trial run: self.nth_prime(5) raised NameError: name 'is_prime' is not defined "
+                 "(at: if is_prime(num):)")
+    assert advice_for(undefined).startswith("is_prime is not defined: write def is_prime(...) "
+                                            "inside the method, indented")
+    assert advice_for("raised NameError: name 'total' is not defined (at: return total)") == ""
     unset = "raised AttributeError: 't' has no slot or method 'count' (at: return self.count + 1)"
     assert "getattr(self, 'count', default)" in advice_for(unset)
     private = ("Persistence Guardian: private-attribute (line 2): attribute '__dict__': names "
