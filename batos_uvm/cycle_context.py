@@ -152,6 +152,7 @@ class _TextStream:
         self.ctx, self.persona, self.state = ctx, persona, state
         self.loop = asyncio.get_running_loop()
         self.chunks: asyncio.Queue[str | None] = asyncio.Queue()
+        self.closed = asyncio.Event()  # the model is done: send what is left at once
 
     def feed(self, text: str) -> None:  # any thread
         self.loop.call_soon_threadsafe(self.chunks.put_nowait, text)
@@ -160,7 +161,11 @@ class _TextStream:
         done = False
         while not done:
             batch = [await self.chunks.get()]
-            await asyncio.sleep(STREAM_INTERVAL)
+            if batch[0] is not None and not self.closed.is_set():
+                try:  # gather what follows for a moment, unless the model is done
+                    await asyncio.wait_for(self.closed.wait(), STREAM_INTERVAL)
+                except TimeoutError:
+                    pass
             while not self.chunks.empty():
                 batch.append(self.chunks.get_nowait())
             done = None in batch
@@ -174,6 +179,7 @@ class _TextStream:
                     pass
 
     async def close(self, pump: asyncio.Task[None]) -> None:
+        self.closed.set()
         self.chunks.put_nowait(None)
         try:
             await asyncio.wait_for(pump, 5.0)

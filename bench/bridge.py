@@ -11,7 +11,7 @@ before any protocol work (the kernel pays it too). Measured:
   cassette and a fresh image): validation, dedup bookkeeping, one task per request,
   the kernel's ping handler (its status) and the reply;
 * send: BridgeClient.send() of a method installed in the image (the demo's
-  report_the_current_system_time), which the kernel runs in its worker pool.
+  report_the_current_system_time), which the kernel runs in a cell.
 
 Sequential measurements are interleaved in ``--rounds`` rounds, so a change of machine
 load hits baseline and bridge alike; rates are min / median / max over rounds. Then each
@@ -182,7 +182,7 @@ def start_server(fake: bool, workdir: str) -> tuple[str, Callable[[], Any], tupl
                     raise RuntimeError(f"installing the demo method failed: {reply.error}")
             label = (
                 "real kernel (batos.py, demo replay cassette); send runs the installed "
-                "report_the_current_system_time in the kernel's worker pool"
+                "report_the_current_system_time in a cell"
             )
             spec = ("genesis_obj", "report_the_current_system_time", [])
             return kernel.endpoint, kernel.stop, spec, label
@@ -283,8 +283,8 @@ def main() -> None:
         print(f"{clients:8d} {row['raw']['rate']:9.0f} {row['ping']['rate']:9.0f} "
               f"{row['send']['rate']:9.0f} {row['send']['p99']:12.0f} "
               f"{ratio(row['send'], row['raw']):>11}")  # fmt: skip
-    print("(send runs generated code in the kernel's process: until it runs in cells, its "
-          "throughput cannot grow with cores)")
+    print("(send runs the installed method in a cell: another process, so more cores let "
+          "more sends run at once; the kernel's event loop and the client processes share them)")
     print(machine_load())
 
 
