@@ -92,6 +92,16 @@ def attacks(canary: Path, image: Path) -> dict[str, tuple[str, Any]]:
         "list bomb": ("def attack(self):\n    return len([0] * (10 ** 10))\n", "raises"),
         "output flood": ("def attack(self):\n    for i in range(200000):\n"
                          "        print('x' * 1000)\n    return 'done'\n", ("harmless", "timeout")),
+        "endless recursion": ("def attack(self):\n    def down(n):\n        return down(n + 1)\n"
+                              "    return down(0)\n", ("raises", "crashed")),
+        "send to itself forever": ("def attack(self):\n    return self.attack()\n",
+                                   ("raises", "timeout")),
+        "clone flood": ("def attack(self):\n    while True:\n        self.clone()\n", "raises"),
+        "frames of a generator": ("def attack(self):\n    g = (x for x in [1])\n"
+                                  "    return g.gi_frame.f_globals\n", "refused"),
+        "result bomb": ("def attack(self):\n    return ['x' * 1000] * 100000\n", "raises"),
+        "parse a date": ("import datetime\ndef attack(self):\n"
+                         "    return datetime.datetime.strptime('2024', '%Y').year\n", "harmless"),
     }
 
 
@@ -127,7 +137,7 @@ def test_every_attack_is_refused_or_harmless(kernel, tmp_path) -> None:
         refused = {{}}
         for number, (name, source) in enumerate(table.items()):
             selector = f"attack_{{number}}"
-            source = source.replace("def attack(", f"def {{selector}}(")
+            source = source.replace("attack(", f"{{selector}}(")  # its def, and sends to it
             try:
                 genesis.install_method(selector, source)
             except Exception as exc:

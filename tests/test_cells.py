@@ -22,6 +22,7 @@ import transaction
 import ZODB
 import ZODB.FileStorage
 
+from batos_uvm.cells import invocation as invocation_module
 from batos_uvm.cells import wire
 from batos_uvm.cells.invocation import Invocation, MethodFailed, Refused
 from batos_uvm.cells.pool import CellConfig, CellCrashed, CellFailure, CellPool, CellTimeout
@@ -440,6 +441,18 @@ def test_clone_from_a_cell_makes_a_child_of_self(image) -> None:
     assert child.name == "kid" and child.kind == "parent" and child.parents == [obj]
     with pytest.raises(MethodFailed, match="belong to the kernel"):
         run(in_cell("def probe(self):\n    return self.clone(_methods={})\n", receiver=obj))
+
+
+def test_a_message_creates_a_bounded_number_of_objects(image, monkeypatch) -> None:
+    monkeypatch.setattr(invocation_module, "MAX_CLONES", 5)
+    obj = UvmObject(label="obj")
+    image.root()["obj"] = obj
+    for way in ("self.clone()", "self.send('clone')"):
+        flood = f"def probe(self):\n    while True:\n        {way}\n"
+        with pytest.raises(MethodFailed, match="at most 5 objects"):
+            run(in_cell(flood, receiver=obj))
+    assert run(in_cell("def probe(self):\n    return len([self.clone() for i in range(5)])\n",
+                       receiver=obj)) == 5
 
 
 def test_kernel_objects_in_slots_are_opaque(image) -> None:

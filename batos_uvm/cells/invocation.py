@@ -32,6 +32,7 @@ MAX_DEPTH = 8  # nested sends from generated code
 ATTEMPTS_ON_DEAD_CELLS = 3  # tries beyond the idle cells, for a call that reached only dead ones
 MAX_OUTPUT = 32 * 1024  # printed text kept per invocation (a cell keeps 16 KiB per call)
 MAX_ITEMS = 500_000  # values (list items, dict entries ...) taken from cells per message
+MAX_CLONES = 10_000  # objects a message may create: each lives in the kernel until commit
 PRIMITIVES_FOR_METHODS = frozenset({"clone", "describe", "catalog.search", "infer"})
 
 
@@ -83,6 +84,7 @@ class Invocation:
         self.services = services or NoServices()
         self.overlay = dict(overlay or {})  # (id(object), selector) -> source: a trial's candidate
         self.items_left = MAX_ITEMS  # values taken from cells (see spend_items)
+        self.clones = 0
         self.output_parts: list[str] = []
         self.output_size = 0
         self._versions: dict[int, int] = {}
@@ -326,7 +328,7 @@ class Invocation:
                 request.get("kwargs"), depth,
             )
         if kind == "clone":
-            return frame.receiver.clone(**self._slots_for_clone(frame, request.get("slots")))
+            return self._clone(frame, frame.receiver, request.get("slots"))
         if kind == "lookup":
             name = _public(request.get("name"), frame.receiver)
             what, value = self.find(frame.receiver, name)
@@ -384,7 +386,7 @@ class Invocation:
         if name == "clone":
             if args:
                 raise Refused("TypeError", "clone takes slots as keywords only")
-            return target.clone(**self._slots_for_clone(frame, kwargs))
+            return self._clone(frame, target, kwargs)
         if name == "describe":
             return target.describe()
         if name == "catalog.search":
@@ -407,10 +409,16 @@ class Invocation:
             self.in_services += time.monotonic() - paused  # not the method's time
         raise Refused("RuntimeError", f"unknown kernel service {name!r}")
 
-    def _slots_for_clone(self, frame: Frame, slots: Any) -> dict[str, Any]:
+    def _clone(self, frame: Frame, target: UvmObject, slots: Any) -> UvmObject:
+        """A child of ``target``; every object a message creates stays in memory until commit."""
         if type(slots) is not dict:
             raise Refused("TypeError", "clone takes slots as keywords")
-        return {check_slot_name(k): frame.inward(v, for_slot=True) for k, v in slots.items()}
+        self.clones += 1
+        if self.clones > MAX_CLONES:
+            raise Refused("MemoryError", f"a message may create at most {MAX_CLONES} objects")
+        return target.clone(
+            **{check_slot_name(k): frame.inward(v, for_slot=True) for k, v in slots.items()}
+        )
 
     # -- a method's changes to its receiver --------------------------------------------------
     def _apply(self, frame: Frame, diff: Any) -> None:
