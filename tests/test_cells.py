@@ -14,6 +14,7 @@ import signal
 import socket
 import tempfile
 import textwrap
+import time
 from pathlib import Path
 
 import ormsgpack
@@ -23,6 +24,7 @@ import ZODB
 import ZODB.FileStorage
 
 from batos_uvm.cells import invocation as invocation_module
+from batos_uvm.cells import pool as pool_module
 from batos_uvm.cells import wire
 from batos_uvm.cells.invocation import Invocation, MethodFailed, Refused
 from batos_uvm.cells.pool import CellConfig, CellCrashed, CellFailure, CellPool, CellTimeout
@@ -340,6 +342,19 @@ def test_cells_start_clean(tmp_path, monkeypatch) -> None:
     assert outcome("def probe(self):\n    open('x', 'w').write('y')\n",
                    layers=(), unrestricted=True)[0] == "FileNotFoundError"
     assert list(tmp_path.iterdir()) == []  # nothing left behind
+
+
+def test_directories_of_cells_a_killed_kernel_was_starting_are_swept(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale, fresh, full = (tmp_path / f"batos-cell-{n}" for n in ("stale", "fresh", "full"))
+    for path in (stale, fresh, full):
+        path.mkdir()
+    (full / "kept").write_text("not ours to judge")
+    long_ago = time.time() - 3600
+    for path in (stale, full):
+        os.utime(path, (long_ago, long_ago))
+    assert pool_module.sweep_stale_workdirs() == 1
+    assert not stale.exists() and fresh.exists() and full.exists()
 
 
 def test_dates_parse_in_cells() -> None:

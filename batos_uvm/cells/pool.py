@@ -247,10 +247,33 @@ class Cell:
             self._stderr_task.cancel()
 
 
+WORKDIR_PREFIX = "batos-cell-"
+_swept = False
+STALE_WORKDIR_SECONDS = 300  # far beyond a cell's start-up, when its directory goes
+
+
+def sweep_stale_workdirs() -> int:
+    """Remove working directories left by cells whose kernel was killed while they started.
+
+    Only empty directories older than any start-up can take are removed.
+    """
+    removed = 0
+    root = Path(tempfile.gettempdir())
+    cutoff = time.time() - STALE_WORKDIR_SECONDS
+    for path in root.glob(WORKDIR_PREFIX + "*"):
+        try:
+            if path.is_dir() and not path.is_symlink() and path.stat().st_mtime < cutoff:
+                path.rmdir()  # fails unless empty
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 async def start_cell(config: CellConfig, python: str = sys.executable) -> Cell:
     """Start one cell and wait until it is contained and ready."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    workdir = tempfile.mkdtemp(prefix="batos-cell-")
+    workdir = tempfile.mkdtemp(prefix=WORKDIR_PREFIX)
     try:
         proc = await asyncio.create_subprocess_exec(
             python, "-I", "-S", "-c", _BOOTSTRAP, str(child.fileno()),
@@ -326,6 +349,10 @@ class CellPool:
         self.announce = announce  # say at the first start which layers protect cells
         self.started = 0  # cells started over the pool's life
         self.replaced = 0  # cells that died, were killed or retired
+        global _swept
+        if not _swept:  # once per process: what killed kernels left behind
+            _swept = True
+            sweep_stale_workdirs()
 
     # -- life cycle ---------------------------------------------------------------------
     def warm(self) -> None:
