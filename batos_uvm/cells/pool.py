@@ -207,17 +207,20 @@ class Cell:
 
     @property
     def alive(self) -> bool:
-        """As far as the kernel can tell without waiting: not exited, socket open.
+        """As far as the event loop has heard: not exited, socket open."""
+        return (
+            self.proc.returncode is None
+            and not self.reader.at_eof()
+            and not self.writer.transport.is_closing()
+        )
 
-        Asks the operating system too (without reaping the child, which the event
-        loop's child watcher does): a cell killed while idle is noticed before a
-        call is sent to it, not after.
+    def still_running(self) -> bool:
+        """Alive, asking the operating system too (without reaping: the child watcher does).
+
+        For an idle cell about to get a call: one killed while idle is noticed
+        before the call is sent, not after.
         """
-        if (
-            self.proc.returncode is not None
-            or self.reader.at_eof()
-            or self.writer.transport.is_closing()
-        ):
+        if not self.alive:
             return False
         try:
             exited = os.waitid(os.P_PID, self.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
@@ -464,7 +467,7 @@ class CellPool:
             cell = self._idle[index]
             if cell.tag == tag:
                 del self._idle[index]
-                if cell.alive:
+                if cell.still_running():
                     return cell
                 self.discard(cell)
         return None
