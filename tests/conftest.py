@@ -8,9 +8,16 @@ marked ``real_model`` get the real cache (fixture ``real_model_dir``).
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
+
+# Tests press Ctrl-C in the programs they start. A test run started in the
+# background (`cmd &`) inherits SIGINT ignored, and so would every program it
+# starts; a handler here becomes the default again in each child.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 from batos_uvm.model_fetch import cache_dir
 
