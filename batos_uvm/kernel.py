@@ -590,6 +590,10 @@ class Kernel:
     async def trial(self, ctx: Any, candidate: dict[str, Any]) -> Any:
         return await run_candidate_trial(ctx, candidate)
 
+    async def prepare_queries(self, queries: list[str]) -> None:
+        """Embed a cycle's catalog queries in one batch, off the loop (the embedder keeps them)."""
+        await asyncio.to_thread(self.embedder.encode, list(queries))
+
     async def prepare_skill(self, cycle_log: Any, code: str) -> None:
         """Embed a candidate's skill text ahead of time (the embedder keeps it), off the loop."""
         await asyncio.to_thread(self.embedder.encode, [skill_text(cycle_log, code)])
@@ -649,7 +653,7 @@ def skill_text(cycle_log: Any, code: str) -> str:
         f"Skill {cycle_log.selector} ({words}): a method of {cycle_log.target} grown "
         f"when it received {cycle_log.selector} with arguments "
         f"{cycle_log.brief.get('args', [])}. Source:\n{code}"
-    )
+    ).strip()  # as the catalog stores it: prepare_skill embeds exactly this text
 
 
 def _abort_quietly(tm: transaction.TransactionManager) -> None:

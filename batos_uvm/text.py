@@ -315,7 +315,7 @@ class MiniLMEmbedder:
         batch_size: int = 64,
         *,
         query_threads: int | None = 1,
-        small_batch: int = 4,
+        small_batch: int = 8,
         cache_size: int = 1024,
     ) -> None:
         self.device = device

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,47 @@ def test_brief_grows_a_method_and_returns_its_result(tmp_path):
                  (tmp_path / "metacognition.jsonl").read_text().splitlines()]
         assert {"timestamp", "cycle_id", "mission_brief_hash", "event_type", "state"} <= set(lines[0])
         assert [line["event_type"] for line in lines][-1] == "FINAL_OUTCOME"
+
+    run(scenario())
+
+
+class RecordingEmbedder:
+    """The kernel's embedder, noting each batch it is asked for and on which thread."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.dim = inner, inner.name, inner.dim
+        self.calls: list[tuple[list[str], str]] = []
+
+    def encode(self, texts: list[str]):
+        self.calls.append((list(texts), threading.current_thread().name))
+        return self.inner.encode(texts)
+
+
+def test_the_research_plan_is_embedded_in_one_batch_off_the_event_loop(tmp_path):
+    harness = Harness(tmp_path, [
+        {**PLAN, "response": '["time", "clock", "date now"]'},
+        synth("report_the_current_system_time", TIME_CODE),
+    ])
+
+    async def scenario():
+        kernel = await harness.start()
+        try:
+            kernel.embedder = recording = RecordingEmbedder(kernel.embedder)
+            reply = await harness.send("report_the_current_system_time")
+            assert reply.status == "COMPLETE", reply
+            plan = harness.record(reply.cycle_id)["research_plan"]
+            assert plan == ["report the current system time", "time", "clock", "date now"]
+            loop_thread = threading.current_thread().name
+            assert (plan, loop_thread) not in recording.calls
+            batches = [threads for texts, threads in recording.calls if texts == plan]
+            assert len(batches) == 1 and batches[0] != loop_thread
+            # the skill's text too: embedded while the trial runs, not again when indexed
+            skills = [(texts, thread) for texts, thread in recording.calls
+                      if texts and texts[0].startswith("Skill report_the_current_system_time")]
+            assert len(skills) == 2, skills  # prepared, then indexed (a cache hit for MiniLM)
+            assert skills[0][1] != loop_thread and skills[0][0] == skills[1][0]
+        finally:
+            await harness.stop()
 
     run(scenario())
 
