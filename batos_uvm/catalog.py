@@ -45,6 +45,7 @@ from batos_uvm.text import (
     split_long,
     split_sentences,
 )
+from batos_uvm.text_scores import text_scores
 
 __all__ = [
     "CatalogStore",
@@ -386,7 +387,7 @@ class CatalogStore(Persistent):
                 ids, cosine = index.all_cosines(vector)
             else:
                 ids, cosine = index.nearest(vector, candidates)
-                best_text = text_ids[np.argsort(-text_scores)[:candidates]]
+                best_text = text_ids[_best(text_scores, candidates)]
                 extra = np.setdiff1d(best_text, ids)
                 extra_cosine = index.cosines(vector, extra)
                 held = ~np.isnan(extra_cosine)
@@ -405,11 +406,9 @@ class CatalogStore(Persistent):
         if len(text_ids):
             best = float(text_scores.max())
             if best > 0 and math.isfinite(best):
-                order = np.argsort(text_ids)
-                rows = np.searchsorted(text_ids, ids, sorter=order)
-                rows = np.minimum(rows, len(text_ids) - 1)
-                found = text_ids[order[rows]] == ids
-                text_norm[found] = text_scores[order[rows[found]]] / best
+                rows = np.minimum(np.searchsorted(text_ids, ids), len(text_ids) - 1)
+                found = text_ids[rows] == ids
+                text_norm[found] = text_scores[rows[found]] / best
         return ids, cosine.astype(np.float64), text_norm
 
     # -------------------------------------------------------------- internals
@@ -536,7 +535,10 @@ class CatalogStore(Persistent):
         return np.frombuffer(self._vectors[chunk_id], dtype=_VECTOR_DTYPE).astype(np.float32)
 
     def _text_hits(self, query: str) -> tuple[np.ndarray, np.ndarray]:
-        """Chunk ids and BM25 scores of the chunks holding a word of the query."""
+        """Ascending ids and BM25 scores of the chunks holding a word of the query."""
+        scored = text_scores(self, query)  # the same scores, from the process's arrays
+        if scored is not None:
+            return scored
         # OR over the query's words (stop words dropped by the lexicon); None
         # means the query had no indexable word at all.
         results = self._text_index.search(query)
@@ -545,6 +547,13 @@ class CatalogStore(Persistent):
         ids = np.fromiter(results.keys(), dtype=np.int64, count=len(results))
         scores = np.fromiter(results.values(), dtype=np.float64, count=len(results))
         return ids, scores
+
+
+def _best(scores: np.ndarray, count: int) -> np.ndarray:
+    """Positions of the ``count`` highest scores (in no particular order)."""
+    if len(scores) <= count:
+        return np.arange(len(scores))
+    return np.argpartition(-scores, count - 1)[:count]
 
 
 def _check_vectors(vectors: Any, count: int, embedder: Embedder) -> np.ndarray:
