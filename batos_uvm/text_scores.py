@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,15 +89,16 @@ def text_scores(store: Any, query: str) -> tuple[np.ndarray, np.ndarray] | None:
             if not _log_reaches(store, cache.generation, generation):
                 cache.clear()
             cache.generation = generation
-        postings = [_postings(cache, store, index, wid, generation) for wid in wids]
+        times = Counter(wids)  # a word the query repeats counts as often
+        postings = {wid: _postings(cache, store, index, wid, generation) for wid in times}
     count = float(index.documentCount())
     mean_length = float(index._totaldoclen()) / count
     per_word = []
-    for word in postings:
-        idf = math.log(1.0 + count / word.size)
+    for wid, word in postings.items():
+        idf = math.log(1.0 + count / word.size) * times[wid]
         lengths = (1.0 - B) + B * (word.lengths / mean_length)
         per_word.append(idf * (word.freqs * (K1 + 1.0)) / (word.freqs + K1 * lengths))
-    return _sum_by_id([word.ids for word in postings], per_word)
+    return _sum_by_id([word.ids for word in postings.values()], per_word)
 
 
 def _sum_by_id(ids: list[np.ndarray], scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
