@@ -92,6 +92,9 @@ def text_scores(store: Any, query: str) -> tuple[np.ndarray, np.ndarray] | None:
         times = Counter(wids)  # a word the query repeats counts as often
         postings = {wid: _postings(cache, store, index, wid, generation) for wid in times}
     count = float(index.documentCount())
+    postings = {wid: word for wid, word in postings.items() if word.size}
+    if not postings or count <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
     mean_length = float(index._totaldoclen()) / count
     per_word = []
     for wid, word in postings.items():

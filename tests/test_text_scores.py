@@ -139,3 +139,16 @@ def test_sparse_chunk_ids_are_summed_without_a_dense_array(db) -> None:
         assert_same_as_zope(store, query)
     ids, _ = text_scores(store, "cat dog")
     assert len(ids) == 3 and ids[-1] > 2**40
+
+
+def test_words_whose_chunks_are_all_gone_score_nothing(db) -> None:
+    conn = db.open()
+    store = conn.root()["catalog"] = CatalogStore()
+    store.add_document("a", "cat and dog", None, EMB)
+    transaction.commit()
+    assert_same_as_zope(store, "cat")
+    store.remove_document("a")
+    transaction.commit()
+    ids, scores = text_scores(store, "cat")
+    assert len(ids) == len(scores) == 0
+    assert store.search("cat", EMB) == []
