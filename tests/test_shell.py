@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -274,6 +275,21 @@ def test_a_method_called_in_the_shell_runs_in_a_cell_and_its_change_commits(imag
         assert reader.root["genesis_obj"].colour == "red"
     finally:
         reader.close()
+
+
+def test_the_shell_s_cells_finish_starting_before_a_call_returns(image: Path):
+    # The shell's cells have an event loop only while a call runs: a cell still
+    # starting when the call returned found its time limit expired at the next call.
+    from batos_uvm.cells import local
+
+    session = session_for(image)
+    try:
+        assert run_code(session, "genesis.double(21)") == 0
+        pool = local._local[threading.get_ident()]._pool
+        assert pool is not None and not pool._tasks
+        assert len(pool._idle) >= 2  # the cell that answered, and a fresh one for the next
+    finally:
+        session.close()
 
 
 def test_run_code_exit_codes_and_expression_values(image: Path, capsys):

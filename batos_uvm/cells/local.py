@@ -49,7 +49,12 @@ class LocalCells:
         if self._pool is None:
             self._pool = CellPool(self.config, size=self.size, announce=False)
         invocation = Invocation(self._pool, timeout=self.timeout, services=NoServices())
-        value = await invocation.call(receiver, selector, args, kwargs)
+        try:
+            value = await invocation.call(receiver, selector, args, kwargs)
+        finally:
+            # This loop runs only during calls: cells left starting or closing would
+            # find their time limits expired at the next call, however fast they were.
+            await self._pool.settle()
         if invocation.output:
             print(invocation.output, end="" if invocation.output.endswith("\n") else "\n")
         return value

@@ -402,6 +402,11 @@ class CellPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def settle(self) -> None:
+        """Wait until the cells starting and closing in the background have done so."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
     async def close(self) -> None:
         """Kill every cell, also those starting or closing, and wait until they are gone.
 
@@ -417,8 +422,7 @@ class CellPool:
         self._busy.clear()
         for cell in cells:
             self._background(cell.close())
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.settle()
 
     # -- taking and giving back ---------------------------------------------------------
     async def acquire(self, *, nested: bool = False, tag: Any = None) -> Cell:
