@@ -50,6 +50,7 @@ class _WordCache:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.generation = -1  # the newest committed generation seen
+        self.stamp = ""  # and its stamp, which tells one history of the catalog from another
         self.words: OrderedDict[int, _Postings] = OrderedDict()
         self.size = 0
 
@@ -85,10 +86,9 @@ def text_scores(store: Any, query: str) -> tuple[np.ndarray, np.ndarray] | None:
     with cache.lock:
         if generation < cache.generation:
             return None  # an older view than the cache's: zope.index answers it
-        if generation > cache.generation:
-            if not _log_reaches(store, cache.generation, generation):
-                cache.clear()
-            cache.generation = generation
+        if not _same_history(store, cache, generation):
+            cache.clear()  # an undo, say: the arrays describe another history
+        cache.generation, cache.stamp = generation, store._stamp
         times = Counter(wids)  # a word the query repeats counts as often
         postings = {wid: _postings(cache, store, index, wid, generation) for wid in times}
     count = float(index.documentCount())
@@ -128,11 +128,17 @@ def _cache_of(db: Any, oid: bytes) -> _WordCache:
         return cache
 
 
-def _log_reaches(store: Any, since: int, until: int) -> bool:
-    """True when every change after ``since`` up to ``until`` is in the catalog's log."""
-    if since < 0 or store._changes is None:
+def _same_history(store: Any, cache: _WordCache, generation: int) -> bool:
+    """True when the catalog's log leads from the cache's state to ``generation``."""
+    if generation == cache.generation:
+        return store._stamp == cache.stamp
+    changes = store._changes
+    if cache.generation < 0 or changes is None:
         return False
-    return all(store._changes.get(g) is not None for g in range(since + 1, until + 1))
+    since = changes.get(cache.generation)
+    if since is None or since[1] != cache.stamp:
+        return False
+    return all(changes.get(g) is not None for g in range(cache.generation + 1, generation + 1))
 
 
 def _postings(cache: _WordCache, store: Any, index: Any, wid: int, generation: int) -> _Postings:

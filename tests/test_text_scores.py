@@ -152,3 +152,21 @@ def test_words_whose_chunks_are_all_gone_score_nothing(db) -> None:
     ids, scores = text_scores(store, "cat")
     assert len(ids) == len(scores) == 0
     assert store.search("cat", EMB) == []
+
+
+def test_an_undone_change_does_not_leave_its_scores_behind(db) -> None:
+    conn = db.open()
+    store = conn.root()["catalog"] = CatalogStore()
+    store.add_document("a", "fox and hound", None, EMB)
+    transaction.commit()
+    store.add_document("b", "owl", None, EMB)
+    transaction.commit()
+    assert_same_as_zope(store, "owl fox")  # cached with b in it
+    db.undo(db.undoLog(0, 1)[0]["id"])  # the catalog goes back: no b
+    transaction.commit()
+    conn.sync()
+    assert "b" not in store and text_scores(store, "owl fox") is None
+    store.add_document("c", "owl owl owl", None, EMB)  # the same generation as b's, anew
+    transaction.commit()
+    assert_same_as_zope(store, "owl fox")
+    assert [hit.doc_id for hit in store.search("owl", EMB)] == ["c"]
