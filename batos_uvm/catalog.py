@@ -33,6 +33,7 @@ import numpy as np
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
+from transaction.interfaces import NoTransaction
 from zope.index.text.lexicon import CaseNormalizer, Lexicon, Splitter, StopWordRemover
 from zope.index.text.okapiindex import OkapiIndex
 
@@ -126,7 +127,7 @@ class CatalogStore(Persistent):
     max_chars: int = 1000
     embedder_name: str | None = None
     dim: int | None = None
-    _changes: Any = None  # generation -> (added chunk ids, removed chunk ids, stamp)
+    _changes: Any = None  # generation -> ((added chunk ids, removed chunk ids) or None, stamp)
     _stamp = ""  # changes at every write: tells one history from another
 
     def __init__(
@@ -492,10 +493,22 @@ class CatalogStore(Persistent):
         return list(record["chunk_ids"])
 
     def _begin_change(self) -> None:
-        # The generation this transaction started from: the shared index holds
-        # committed changes only; later ones are searched beside it.
-        if not self._p_changed:
+        # The generation this transaction started from: the shared indexes hold
+        # committed changes only; later ones are searched beside them.
+        transaction = _current_transaction(self)
+        if not self.changed_in_this_transaction() or transaction is None:
             self._v_base_generation = self._generation
+        self._v_changed_in = transaction
+
+    def changed_in_this_transaction(self) -> bool:
+        """True when this connection's transaction has changed the catalog.
+
+        ``_p_changed`` alone would miss a change made before a savepoint.
+        """
+        if self._p_changed:
+            return True
+        changed_in = self.__dict__.get("_v_changed_in")
+        return changed_in is not None and changed_in is _current_transaction(self)
 
     def _log_change(self, added: list[int] | None, removed: list[int] | None) -> None:
         """Record one change (None: every vector changed) and move to the next generation."""
@@ -547,6 +560,17 @@ class CatalogStore(Persistent):
         ids = np.fromiter(results.keys(), dtype=np.int64, count=len(results))
         scores = np.fromiter(results.values(), dtype=np.float64, count=len(results))
         return ids, scores
+
+
+def _current_transaction(store: Any) -> Any:
+    """The transaction of the store's connection, or None (none begun, or no connection)."""
+    jar = store._p_jar
+    if jar is None:
+        return None
+    try:
+        return jar.transaction_manager.get()
+    except NoTransaction:
+        return None
 
 
 def _best(scores: np.ndarray, count: int) -> np.ndarray:

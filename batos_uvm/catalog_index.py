@@ -33,7 +33,7 @@ def current_index(store: Any) -> tuple[VectorIndex, list[int], list[int]]:
     """The vector index at this transaction's committed generation, and the chunks
     added and removed since then in this transaction (not in the index)."""
     committed = store._generation
-    if store._p_changed:
+    if store.changed_in_this_transaction():
         committed = getattr(store, "_v_base_generation", store._generation)
     pending_added: dict[int, None] = {}
     pending_removed: set[int] = set()

@@ -66,8 +66,8 @@ async def process_decomposing(state: UvmObject, ctx: CycleContext) -> str:
 async def process_delegating(state: UvmObject, ctx: CycleContext) -> str:
     store = ctx.root["knowledge_catalog_obj"].store
     seen: set[int] = set()
-    # One batch for every query, off the event loop; the searches then find them embedded.
-    await ctx.services.prepare_queries(ctx.log.research_plan)
+    if len(store):  # one batch for every query, off the event loop; the searches find them
+        await ctx.services.prepare_queries(ctx.log.research_plan)
     for query in ctx.log.research_plan:
         hits = await ctx.services.search(store, query, 3)
         for hit in hits:

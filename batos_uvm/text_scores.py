@@ -4,15 +4,19 @@ zope.index's Okapi index scores a query word by walking the word's whole posting
 list in Python: about a millisecond per 6,000 chunks, on every search. Here each
 word's postings are kept as arrays (chunk ids, frequencies, chunk lengths), one
 cache per (database, catalog), and a query is scored with a few vector operations
-by the same formula: Okapi BM25 with K1 = 1.2, B = 0.75 and
-idf = log(1 + N / df), a query word that occurs twice counting twice.
+that give zope.index's very numbers: Okapi BM25 with K1 = 1.2, B = 0.75 and
+idf = log(1 + N / df), each word's scores computed in double precision and
+stored as float32, and the words added up pairwise, smallest first, in float32
+(a word the query repeats counts once for each time).
 
 The cached arrays follow the catalog's change log, like its vector index: a
 write appends the chunks it added to the words they hold and drops those it
 removed, so the first search after a write costs about what any search does.
-Only committed states are cached. A connection that has changed the catalog in
-its transaction, or sees an older state than the cache, is answered by
-zope.index itself (``text_scores`` returns None).
+Only committed states are cached. zope.index itself answers (``text_scores``
+returns None) a transaction that has changed the catalog, a connection that
+sees an older state than the cache, and a query of more than
+``MAX_CACHED_QUERY_WORDS`` different words (which would crowd out the words
+people search for).
 """
 
 from __future__ import annotations
@@ -20,26 +24,32 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections import Counter, OrderedDict
+from bisect import bisect_left
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["K1", "B", "MAX_CACHED_POSTINGS", "text_scores"]
+__all__ = ["B", "K1", "MAX_CACHED_POSTINGS", "MAX_CACHED_QUERY_WORDS", "text_scores"]
 
 K1 = 1.2  # zope.index.text.okapiindex.OkapiIndex.K1 (its C scorer hard-codes it too)
 B = 0.75  # OkapiIndex.B
 MAX_CACHED_POSTINGS = 2_000_000  # per catalog, 16 bytes each: at most ~32 MB of arrays
+MAX_CACHED_QUERY_WORDS = 64  # different words in one query; beyond: zope.index
 _RELOAD_PAST = 2_000  # chunks added since an entry was cached: past this, reload the word
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Postings:
-    ids: np.ndarray  # int64, ascending
-    freqs: np.ndarray  # float32
-    lengths: np.ndarray  # float32
+    ids: np.ndarray  # int64, ascending, read-only
+    freqs: np.ndarray  # float32, read-only
+    lengths: np.ndarray  # float32 (as zope.index stores them), read-only
     generation: int
+
+    def __post_init__(self) -> None:
+        for array in (self.ids, self.freqs, self.lengths):
+            array.flags.writeable = False  # shared by every connection of the process
 
     @property
     def size(self) -> int:
@@ -73,14 +83,17 @@ _caches: weakref.WeakKeyDictionary[Any, dict[bytes, _WordCache]] = weakref.WeakK
 
 def text_scores(store: Any, query: str) -> tuple[np.ndarray, np.ndarray] | None:
     """Ascending chunk ids holding a word of ``query``, and their BM25 scores;
-    None when this connection's view cannot use the shared cache."""
+    None when zope.index must answer (see the module's documentation)."""
     jar, oid = store._p_jar, store._p_oid
-    if jar is None or oid is None or store._p_changed:
+    if jar is None or oid is None or store.changed_in_this_transaction():
         return None
     index = store._text_index
     wids = index._remove_oov_wids(index._lexicon.termToWordIds(query))
     if not wids:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
+    distinct = list(dict.fromkeys(wids))
+    if len(distinct) > MAX_CACHED_QUERY_WORDS:
+        return None
     generation = store._generation
     cache = _cache_of(jar.db(), oid)
     with cache.lock:
@@ -89,34 +102,54 @@ def text_scores(store: Any, query: str) -> tuple[np.ndarray, np.ndarray] | None:
         if not _same_history(store, cache, generation):
             cache.clear()  # an undo, say: the arrays describe another history
         cache.generation, cache.stamp = generation, store._stamp
-        times = Counter(wids)  # a word the query repeats counts as often
-        postings = {wid: _postings(cache, store, index, wid, generation) for wid in times}
+        cached = {wid: cache.words.get(wid) for wid in distinct}
+    # Loading reads this connection's objects: outside the lock, so a slow load
+    # does not hold up other connections' searches.
+    postings = {wid: _current(cached[wid], store, index, wid, generation) for wid in distinct}
+    with cache.lock:
+        if (cache.generation, cache.stamp) == (generation, store._stamp):
+            for wid, word in postings.items():
+                cache.keep(wid, word)
     count = float(index.documentCount())
-    postings = {wid: word for wid, word in postings.items() if word.size}
-    if not postings or count <= 0:
-        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float64)
     mean_length = float(index._totaldoclen()) / count
-    per_word = []
-    for wid, word in postings.items():
-        idf = math.log(1.0 + count / word.size) * times[wid]
-        lengths = (1.0 - B) + B * (word.lengths / mean_length)
-        per_word.append(idf * (word.freqs * (K1 + 1.0)) / (word.freqs + K1 * lengths))
-    return _sum_by_id([word.ids for word in postings.values()], per_word)
+    return _union([(postings[wid].ids, _word_scores(postings[wid], count, mean_length))
+                   for wid in wids])  # fmt: skip
 
 
-def _sum_by_id(ids: list[np.ndarray], scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The union of ascending ``ids``, each id's scores added up."""
-    if len(ids) == 1:
-        return ids[0], scores[0].astype(np.float64)
-    top = max(int(i[-1]) for i in ids) + 1
-    if top <= 16 * sum(len(i) for i in ids) + 4096:  # ids are dense enough for an array
-        total = np.zeros(top, dtype=np.float64)
-        for word_ids, word_scores in zip(ids, scores, strict=True):
-            total[word_ids] += word_scores  # ids are unique within one word
-        union = np.flatnonzero(total)
-        return union.astype(np.int64, copy=False), total[union]
-    union, where = np.unique(np.concatenate(ids), return_inverse=True)
-    return union, np.bincount(where, weights=np.concatenate(scores)).astype(np.float64)
+def _word_scores(word: _Postings, count: float, mean_length: float) -> np.ndarray:
+    """One word's BM25 per chunk, computed as zope.index's C scorer does (okascore.c)."""
+    idf = math.log(1.0 + count / word.size)
+    freqs = word.freqs.astype(np.float64)
+    length_weight = (1.0 - B) + B * word.lengths.astype(np.float64) / mean_length
+    tf = freqs * (K1 + 1.0) / (freqs + K1 * length_weight)
+    return (tf * idf).astype(np.float32)
+
+
+def _union(words: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Every word's chunks, scores added as zope.index's mass_weightedUnion adds them:
+    the two smallest sets first, in float32."""
+    queue: list[tuple[np.ndarray, np.ndarray]] = []
+    sizes: list[int] = []
+    for word in words:
+        _enqueue(queue, sizes, word)
+    while len(queue) > 1:
+        (a_ids, a_scores), (b_ids, b_scores) = queue.pop(0), queue.pop(0)
+        del sizes[:2]
+        ids = np.concatenate([a_ids, b_ids])
+        ids.sort(kind="stable")  # two ascending runs: merged in one pass
+        ids = ids[np.concatenate([[True], ids[1:] != ids[:-1]])]
+        scores = np.zeros(len(ids), dtype=np.float32)
+        scores[np.searchsorted(ids, a_ids)] = a_scores
+        scores[np.searchsorted(ids, b_ids)] += b_scores
+        _enqueue(queue, sizes, (ids, scores))
+    ids, scores = queue[0]
+    return ids, scores.astype(np.float64)
+
+
+def _enqueue(queue: list, sizes: list[int], word: tuple[np.ndarray, np.ndarray]) -> None:
+    at = bisect_left(sizes, len(word[0]))  # before equal sizes, as zope.index's NBest
+    sizes.insert(at, len(word[0]))
+    queue.insert(at, word)
 
 
 def _cache_of(db: Any, oid: bytes) -> _WordCache:
@@ -141,14 +174,12 @@ def _same_history(store: Any, cache: _WordCache, generation: int) -> bool:
     return all(changes.get(g) is not None for g in range(cache.generation + 1, generation + 1))
 
 
-def _postings(cache: _WordCache, store: Any, index: Any, wid: int, generation: int) -> _Postings:
-    cached = cache.words.get(wid)
+def _current(
+    cached: _Postings | None, store: Any, index: Any, wid: int, generation: int
+) -> _Postings:
     if cached is not None and cached.generation != generation:
         cached = _advance(cached, store, index, wid, generation)
-    if cached is None:
-        cached = _load(index, wid, generation)
-    cache.keep(wid, cached)
-    return cached
+    return cached if cached is not None else _load(index, wid, generation)
 
 
 def _load(index: Any, wid: int, generation: int) -> _Postings:

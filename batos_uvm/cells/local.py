@@ -4,7 +4,10 @@
 owned by this process, exactly as the kernel would (same sandbox, same proxy,
 same diff), on the caller's connection and in the caller's transaction:
 ``commit()`` in the shell keeps what the method changed. Kernel services
-(catalog search, personas) are not available here.
+(catalog search, personas) are not available here. The pool's event loop runs
+only during a call, so a call also waits for the cells the pool is starting
+or closing (a new cell takes about a tenth of a second): left half-started,
+they would find their time limits expired at the next call.
 """
 
 from __future__ import annotations
