@@ -100,6 +100,9 @@ def attacks(canary: Path, image: Path) -> dict[str, tuple[str, Any]]:
         # (the clone limit itself is tested in test_cells.py)
         "clone flood": ("def attack(self):\n    while True:\n        self.clone()\n",
                         ("raises", "timeout")),
+        "search flood": ("def attack(self):\n    n = 0\n    while True:\n"
+                         "        batos.search(' '.join(str(n + i) + ' port' for i in range(60)), 50)\n"
+                         "        n += 1\n", "timeout"),
         "frames of a generator": ("def attack(self):\n    g = (x for x in [1])\n"
                                   "    return g.gi_frame.f_globals\n", "refused"),
         "result bomb": ("def attack(self):\n    return ['x' * 1000] * 100000\n", "raises"),
@@ -179,6 +182,8 @@ def test_every_attack_is_refused_or_harmless(kernel, tmp_path) -> None:
                 failures.append(f"{name}: expected {expected}, got {got}: {reply}")
             if slowest > PING_BUDGET:
                 failures.append(f"{name}: a ping took {slowest:.2f} s")
+            if name == "search flood" and time.monotonic() - started > TIMEOUT * 2.5:
+                failures.append(f"{name}: searches did not count against the time limit")
             if expected == "timeout" and time.monotonic() - started > TIMEOUT + 10:
                 failures.append(f"{name}: the timeout took {time.monotonic() - started:.1f} s")
             if name == "output flood" and got == "harmless":

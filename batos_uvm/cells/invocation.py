@@ -77,10 +77,10 @@ class Invocation:
         self.pool = pool
         self.timeout = timeout
         # The message's time runs on the wall clock (cells starting, the kernel's own
-        # work, nested sends all count), except while a kernel service answers.
+        # work, catalog searches, nested sends all count), except while a persona thinks.
         self.started = time.monotonic()
         self.in_services = 0.0
-        self.wall_deadline = self.started + max(timeout * 20, 600.0)  # services included
+        self.wall_deadline = self.started + max(timeout * 20, 600.0)  # personas included
         self.services = services or NoServices()
         self.overlay = dict(overlay or {})  # (id(object), selector) -> source: a trial's candidate
         self.items_left = MAX_ITEMS  # values taken from cells (see spend_items)
@@ -399,14 +399,14 @@ class Invocation:
     async def _service(self, name: Any, args: Any) -> Any:
         if type(args) is not list:
             raise Refused("TypeError", "service arguments must be a list")
-        paused = time.monotonic()
-        try:
-            if name == "search" and len(args) == 2:
-                return await self.services.search(str(args[0]), max(1, min(int(args[1]), 50)))
-            if name == "ask" and len(args) == 2:
+        if name == "search" and len(args) == 2:  # kernel work for the method: its time
+            return await self.services.search(str(args[0]), max(1, min(int(args[1]), 50)))
+        if name == "ask" and len(args) == 2:
+            paused = time.monotonic()
+            try:
                 return await self.services.ask(str(args[0]).upper(), str(args[1]))
-        finally:
-            self.in_services += time.monotonic() - paused  # not the method's time
+            finally:
+                self.in_services += time.monotonic() - paused  # a model thinking: not its time
         raise Refused("RuntimeError", f"unknown kernel service {name!r}")
 
     def _clone(self, frame: Frame, target: UvmObject, slots: Any) -> UvmObject:
