@@ -585,6 +585,11 @@ class Kernel:
 
     # -- services used by the cycle ------------------------------------------------------------
     async def search(self, store: Any, query: str, top_k: int) -> list[Any]:
+        from .catalog import MAX_QUERY_CHARS
+
+        query = query[:MAX_QUERY_CHARS]  # as the catalog cuts it, so the embedding is found
+        if query.strip() and len(store):
+            await self.prepare_queries([query])  # embedded off the loop; the search finds it
         return store.search(query, self.embedder, top_k=top_k)
 
     async def trial(self, ctx: Any, candidate: dict[str, Any]) -> Any:

@@ -68,6 +68,10 @@ class Harness:
 
         return await self.kernel.send(target, selector, list(args), {}, progress)
 
+    async def submit_read(self, work):
+        """Run ``work(connection)`` in a kernel worker, as the kernel's own jobs run."""
+        return await self.kernel.submit(work)
+
     def record(self, cycle_id: str) -> dict[str, Any]:
         return self.read(lambda root: {"status": root["cycles"][cycle_id].status,
                                        **root["cycles"][cycle_id].data})
@@ -168,6 +172,37 @@ def test_the_research_plan_is_embedded_in_one_batch_off_the_event_loop(tmp_path)
                       if texts and texts[0].startswith("Skill report_the_current_system_time")]
             assert len(skills) == 2, skills  # prepared, then indexed (a cache hit for MiniLM)
             assert skills[0][1] != loop_thread and skills[0][0] == skills[1][0]
+        finally:
+            await harness.stop()
+
+    run(scenario())
+
+
+def test_a_search_embeds_its_query_off_the_event_loop(tmp_path):
+    # batos.search from a method comes here too: MiniLM must not stall the loop.
+    harness = Harness(tmp_path, [])
+
+    async def scenario():
+        kernel = await harness.start()
+        try:
+            kernel.embedder = recording = RecordingEmbedder(kernel.embedder)
+            query = "loopback ports " * 900  # cut to the catalog's 10,000 characters
+
+            async def search(conn):
+                conn.transaction_manager.begin()
+                try:
+                    store = conn.root()["knowledge_catalog_obj"].store
+                    store.add_document("ports", "Loopback ports answer on 127.0.0.1.", None,
+                                       kernel.embedder)
+                    return await kernel.search(store, query, 3)
+                finally:
+                    conn.transaction_manager.abort()
+
+            hits = await harness.submit_read(search)
+            assert hits and hits[0].doc_id == "ports"
+            cut = query[:10_000]
+            threads = [thread for texts, thread in recording.calls if texts == [cut]]
+            assert threads and threads[0] != threading.current_thread().name
         finally:
             await harness.stop()
 
