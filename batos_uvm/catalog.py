@@ -495,10 +495,9 @@ class CatalogStore(Persistent):
     def _begin_change(self) -> None:
         # The generation this transaction started from: the shared indexes hold
         # committed changes only; later ones are searched beside them.
-        transaction = _current_transaction(self)
-        if not self.changed_in_this_transaction() or transaction is None:
+        if not self.changed_in_this_transaction():
             self._v_base_generation = self._generation
-        self._v_changed_in = transaction
+        self._v_changed_in = _current_transaction(self)
 
     def changed_in_this_transaction(self) -> bool:
         """True when this connection's transaction has changed the catalog.
@@ -509,6 +508,14 @@ class CatalogStore(Persistent):
             return True
         changed_in = self.__dict__.get("_v_changed_in")
         return changed_in is not None and changed_in is _current_transaction(self)
+
+    def logged_changes(self, since: int, until: int) -> list[tuple[Any, str]] | None:
+        """The logged ``(change, stamp)`` of every generation after ``since`` up to ``until``;
+        None when the log does not reach back that far."""
+        if since < 0 or self._changes is None:
+            return None
+        entries = [self._changes.get(g) for g in range(since + 1, until + 1)]
+        return None if any(entry is None for entry in entries) else entries
 
     def _log_change(self, added: list[int] | None, removed: list[int] | None) -> None:
         """Record one change (None: every vector changed) and move to the next generation."""

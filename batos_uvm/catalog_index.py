@@ -57,15 +57,10 @@ def current_index(store: Any) -> tuple[VectorIndex, list[int], list[int]]:
 
 def _catch_up(store: Any, index: VectorIndex, target: int) -> bool:
     """Apply logged changes up to ``target``; False when the log does not reach back."""
-    if index.generation < 0 or store._changes is None:
-        return False
-    entries = []
-    for generation in range(index.generation + 1, target + 1):
-        logged = store._changes.get(generation)
-        if logged is None or logged[0] is None:
-            return False
-        entries.append(logged)
-    if index.generation >= 0 and index.stamp:
+    entries = store.logged_changes(index.generation, target)
+    if entries is None or any(change is None for change, _ in entries):
+        return False  # the log does not reach back, or every vector changed
+    if index.stamp:
         before = store._changes.get(index.generation)
         if before is not None and before[1] != index.stamp:
             return False  # the index was built from another history of this catalog

@@ -165,13 +165,9 @@ def _same_history(store: Any, cache: _WordCache, generation: int) -> bool:
     """True when the catalog's log leads from the cache's state to ``generation``."""
     if generation == cache.generation:
         return store._stamp == cache.stamp
-    changes = store._changes
-    if cache.generation < 0 or changes is None:
-        return False
-    since = changes.get(cache.generation)
-    if since is None or since[1] != cache.stamp:
-        return False
-    return all(changes.get(g) is not None for g in range(cache.generation + 1, generation + 1))
+    own = store.logged_changes(cache.generation - 1, cache.generation)  # the cache's entry
+    return (own is not None and own[0][1] == cache.stamp
+            and store.logged_changes(cache.generation, generation) is not None)  # fmt: skip
 
 
 def _current(
@@ -202,17 +198,15 @@ def _advance(
     cached: _Postings, store: Any, index: Any, wid: int, generation: int
 ) -> _Postings | None:
     """``cached`` brought to ``generation`` from the change log; None: load it again."""
+    entries = store.logged_changes(cached.generation, generation)
+    if entries is None:
+        return None
     added: set[int] = set()
     removed: set[int] = set()
-    for number in range(cached.generation + 1, generation + 1):
-        logged = store._changes.get(number) if store._changes is not None else None
-        if logged is None:
-            return None
-        change = logged[0]
-        if change is None:  # every vector changed, the text did not
-            continue
-        added.update(change[0])
-        removed.update(change[1])
+    for change, _ in entries:
+        if change is not None:  # None: every vector changed, the text did not
+            added.update(change[0])
+            removed.update(change[1])
     if len(added) > _RELOAD_PAST:
         return None
     ids, freqs, lengths = cached.ids, cached.freqs, cached.lengths
