@@ -41,6 +41,16 @@ def committed_catalog(db, rnd: np.random.Generator, count: int) -> CatalogStore:
     return store
 
 
+def two_connections(db):
+    """Two connections; the first has committed a catalog holding "owl and fox"."""
+    tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
+    c1, c2 = db.open(transaction_manager=tm1), db.open(transaction_manager=tm2)
+    store1 = c1.root()["catalog"] = CatalogStore()
+    store1.add_document("a", "owl and fox", None, EMB)
+    tm1.commit()
+    return (tm1, c1, store1), (tm2, c2)
+
+
 def zope_scores(store: CatalogStore, query: str) -> dict[int, float]:
     results = store._text_index.search(query)
     return {int(k): float(v) for k, v in (results or {}).items()}
@@ -97,11 +107,7 @@ def test_a_change_not_yet_committed_is_answered_by_zope(db) -> None:
 
 
 def test_an_older_view_is_answered_by_zope_and_a_newer_one_catches_up(db) -> None:
-    tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
-    c1, c2 = db.open(transaction_manager=tm1), db.open(transaction_manager=tm2)
-    store1 = c1.root()["catalog"] = CatalogStore()
-    store1.add_document("a", "owl and fox", None, EMB)
-    tm1.commit()
+    (tm1, c1, store1), (tm2, c2) = two_connections(db)
     tm2.begin()
     store2 = c2.root()["catalog"]
     assert_same_as_zope(store2, "owl")  # c2's view, the latest
@@ -173,11 +179,7 @@ def test_long_queries_over_many_chunks_score_as_zope_to_the_last_bit(db) -> None
 
 
 def test_a_change_before_a_savepoint_is_still_not_committed(db) -> None:
-    tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
-    c1, c2 = db.open(transaction_manager=tm1), db.open(transaction_manager=tm2)
-    store1 = c1.root()["catalog"] = CatalogStore()
-    store1.add_document("a", "owl and fox", None, EMB)
-    tm1.commit()
+    (tm1, c1, store1), (tm2, c2) = two_connections(db)
     store1.add_document("b", "owl owl owl", None, EMB)
     tm1.savepoint()  # the store's _p_changed is False from here on
     assert store1.changed_in_this_transaction()
